@@ -1,0 +1,297 @@
+"""MLP-Mixer (Tolstikhin et al., 2021) in PyTorch, plus its analytic size and cost.
+
+Follows the official code (google-research/vision_transformer ``models_mixer.py`` and big_vision
+``models/mlp_mixer.py``): a P×P stride-P convolution stem, N blocks of token mixing and channel
+mixing, a final LayerNorm, global average pooling ("pre_logits") and a zero-initialised linear head.
+No position embeddings: the token-mixing MLP is itself sensitive to token order.
+
+Imports only torch and the standard library, because this module runs inside Ray worker processes.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+__all__ = [
+    "MixerVariant",
+    "VARIANTS",
+    "get_variant",
+    "num_tokens",
+    "param_count",
+    "forward_flops",
+    "train_flops_per_image",
+    "lecun_normal_",
+    "drop_path",
+    "MlpBlock",
+    "MixerBlock",
+    "MlpMixer",
+    "build_model",
+    "kernel_and_other_params",
+]
+
+# jax.nn.initializers.variance_scaling(..., "truncated_normal") divides the std by the std of a unit
+# normal truncated to [-2, 2], so that the *truncated* distribution has the requested variance.
+_TRUNC_NORMAL_STD_CORRECTION = 0.87962566103423978
+_LN_EPS = 1e-6  # Flax LayerNorm default, used by the official Mixer code.
+
+
+@dataclass(frozen=True)
+class MixerVariant:
+    """Hyper-parameters of one Mixer size; ``name`` uses a dash ("B-16") as it appears in paths."""
+
+    name: str
+    num_blocks: int
+    patch_size: int  # P
+    hidden_dim: int  # C
+    tokens_mlp_dim: int  # D_S
+    channels_mlp_dim: int  # D_C
+    description: str = ""
+
+
+def _registry(*variants: MixerVariant) -> dict[str, MixerVariant]:
+    return {v.name: v for v in variants}
+
+
+# Ordered from smallest to largest. The small ones are not from the paper: they exist for CPU work
+# on 8..32 px inputs. The paper's sizes use the layers/C/D_S/D_C of its Table 1.
+VARIANTS: dict[str, MixerVariant] = _registry(
+    MixerVariant("Nano-4", 2, 4, 32, 16, 64, "tiny smoke-test model for 8-32 px inputs (S=4..64)"),
+    MixerVariant("Micro-4", 4, 4, 64, 32, 128, "small CPU model for 16-32 px inputs (S=16..64)"),
+    MixerVariant("Micro-2", 4, 2, 64, 32, 128, "Micro-4 with 2 px patches, for 8-16 px inputs (S=16..64)"),
+    MixerVariant("Mini-4", 6, 4, 128, 64, 256, "largest CPU model, for 32 px inputs (S=64)"),
+    MixerVariant("S-32", 8, 32, 512, 256, 2048, "paper Mixer-S/32, 224 px (S=49), 19.1M params"),
+    MixerVariant("S-16", 8, 16, 512, 256, 2048, "paper Mixer-S/16, 224 px (S=196), 18.5M params"),
+    MixerVariant("B-32", 12, 32, 768, 384, 3072, "paper Mixer-B/32, 224 px (S=49), 60.3M params"),
+    MixerVariant("B-16", 12, 16, 768, 384, 3072, "paper Mixer-B/16, 224 px (S=196), 59.9M params"),
+    MixerVariant("L-32", 24, 32, 1024, 512, 4096, "paper Mixer-L/32, 224 px (S=49), 206.9M params"),
+    MixerVariant("L-16", 24, 16, 1024, 512, 4096, "paper Mixer-L/16, 224 px (S=196), 208.2M params"),
+    MixerVariant("H-14", 32, 14, 1280, 640, 5120, "paper Mixer-H/14, 224 px (S=256), 432.4M params"),
+)
+
+
+def get_variant(name: str) -> MixerVariant:
+    """Look up a variant by name; the paper's slash spelling ("B/16") is accepted as an alias."""
+    canonical = name.replace("/", "-")
+    if canonical not in VARIANTS:
+        raise ValueError(f"unknown Mixer variant {name!r}; known variants: {', '.join(VARIANTS)}")
+    return VARIANTS[canonical]
+
+
+def _as_variant(variant: MixerVariant | str) -> MixerVariant:
+    return get_variant(variant) if isinstance(variant, str) else variant
+
+
+def num_tokens(variant: MixerVariant | str, image_size: int) -> int:
+    """Number of patches S = (image_size / P)^2 of a square image."""
+    v = _as_variant(variant)
+    if image_size <= 0 or image_size % v.patch_size:
+        raise ValueError(
+            f"image_size {image_size} is not a positive multiple of the patch size P={v.patch_size} "
+            f"of Mixer {v.name}"
+        )
+    return (image_size // v.patch_size) ** 2
+
+
+def param_count(variant: MixerVariant | str, image_size: int, num_classes: int, in_chans: int = 3) -> int:
+    """Number of parameters, computed from the layer shapes; ``num_classes=0`` means no head."""
+    v = _as_variant(variant)
+    s, c = num_tokens(v, image_size), v.hidden_dim
+    stem = v.patch_size**2 * in_chans * c + c
+    token_mlp = (s * v.tokens_mlp_dim + v.tokens_mlp_dim) + (v.tokens_mlp_dim * s + s)
+    channel_mlp = (c * v.channels_mlp_dim + v.channels_mlp_dim) + (v.channels_mlp_dim * c + c)
+    block = 2 * (2 * c) + token_mlp + channel_mlp  # two LayerNorms (scale and bias each)
+    head = c * num_classes + num_classes
+    return stem + v.num_blocks * block + 2 * c + head
+
+
+def forward_flops(variant: MixerVariant | str, image_size: int, num_classes: int, in_chans: int = 3) -> int:
+    """Forward FLOPs for one image, counting a multiply-add as 2 FLOPs.
+
+    Counted: the stem convolution, both matmuls of every token- and channel-mixing MLP, and the head.
+    Not counted (all O(S·C) per block, a few percent at most): bias additions, LayerNorms, GELUs,
+    residual additions, stochastic-depth masks, global average pooling and dropout. This is the
+    convention of ``torch.utils.flop_counter`` as well, so the two agree exactly.
+    """
+    v = _as_variant(variant)
+    s, c = num_tokens(v, image_size), v.hidden_dim
+    stem = s * (v.patch_size**2 * in_chans) * c
+    token_mlp = c * (2 * s * v.tokens_mlp_dim)  # S -> D_S -> S, once per channel: linear in S
+    channel_mlp = s * (2 * c * v.channels_mlp_dim)  # C -> D_C -> C, once per token
+    head = c * num_classes
+    return 2 * (stem + v.num_blocks * (token_mlp + channel_mlp) + head)
+
+
+def train_flops_per_image(
+    variant: MixerVariant | str, image_size: int, num_classes: int, in_chans: int = 3
+) -> int:
+    """Training FLOPs per image: 3x forward, the usual estimate that the backward pass costs 2x the
+    forward (gradients with respect to both activations and weights). Optimizer updates not counted."""
+    return 3 * forward_flops(variant, image_size, num_classes, in_chans)
+
+
+def lecun_normal_(weight: Tensor) -> Tensor:
+    """In-place lecun-normal init as jax's ``variance_scaling(1, "fan_in", "truncated_normal")``."""
+    fan_in = weight[0].numel()  # Linear (out, in) -> in; Conv2d (out, in, kh, kw) -> in*kh*kw
+    std = math.sqrt(1.0 / fan_in) / _TRUNC_NORMAL_STD_CORRECTION
+    return nn.init.trunc_normal_(weight, mean=0.0, std=std, a=-2.0 * std, b=2.0 * std)
+
+
+def drop_path(x: Tensor, rate: float, training: bool) -> Tensor:
+    """Stochastic depth: zero the whole residual branch of each example with probability ``rate``.
+
+    Kept branches are scaled by 1/(1-rate) (as timm's DropPath) so the expectation is unchanged and
+    eval mode needs no rescaling.
+    """
+    if rate == 0.0 or not training:
+        return x
+    keep = 1.0 - rate
+    mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)
+    return x * mask / keep
+
+
+class MlpBlock(nn.Module):
+    """Linear -> GELU -> Linear over the last axis."""
+
+    def __init__(self, dim: int, hidden_dim: int) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden_dim)
+        # Flax's nn.gelu defaults to the tanh approximation; match it.
+        self.act = nn.GELU(approximate="tanh")
+        self.fc2 = nn.Linear(hidden_dim, dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class MixerBlock(nn.Module):
+    """Token mixing over the S patches, then channel mixing over the C channels, each residual."""
+
+    def __init__(
+        self, num_tokens: int, hidden_dim: int, tokens_mlp_dim: int, channels_mlp_dim: int, stoch_depth: float
+    ) -> None:
+        super().__init__()
+        self.stoch_depth = stoch_depth
+        self.norm1 = nn.LayerNorm(hidden_dim, eps=_LN_EPS)
+        self.token_mixing = MlpBlock(num_tokens, tokens_mlp_dim)
+        self.norm2 = nn.LayerNorm(hidden_dim, eps=_LN_EPS)
+        self.channel_mixing = MlpBlock(hidden_dim, channels_mlp_dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        # (B, S, C) -> (B, C, S): the token MLP is shared by all channels and mixes along S.
+        y = self.token_mixing(self.norm1(x).transpose(1, 2)).transpose(1, 2)
+        # Separate masks for the two branches, as big_vision draws them.
+        x = x + drop_path(y, self.stoch_depth, self.training)
+        y = self.channel_mixing(self.norm2(x))
+        return x + drop_path(y, self.stoch_depth, self.training)
+
+
+class MlpMixer(nn.Module):
+    """MLP-Mixer classifier for square ``image_size`` inputs (the token MLP fixes S, so H, W too).
+
+    ``stoch_depth`` is the drop rate of the last block; rates ramp linearly from 0 at the first block.
+    ``dropout`` applies to pre_logits before the head. ``head_bias_init`` is the constant initial head
+    bias (big_vision uses e.g. -6.9 ~ -log(1000) so initial sigmoid outputs are ~1/1000).
+    ``num_classes=0`` builds no head: ``forward`` then returns pre_logits as its logits.
+    """
+
+    def __init__(
+        self,
+        variant: MixerVariant | str,
+        image_size: int,
+        num_classes: int,
+        in_chans: int = 3,
+        stoch_depth: float = 0.0,
+        dropout: float = 0.0,
+        head_bias_init: float = 0.0,
+    ) -> None:
+        super().__init__()
+        if not 0.0 <= stoch_depth < 1.0:
+            raise ValueError(f"stoch_depth must be in [0, 1), got {stoch_depth}")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        if num_classes < 0:
+            raise ValueError(f"num_classes must be >= 0, got {num_classes}")
+        self.variant = v = _as_variant(variant)
+        self.image_size = image_size
+        self.num_classes = num_classes
+        self.in_chans = in_chans
+        self.num_tokens = num_tokens(v, image_size)
+
+        self.stem = nn.Conv2d(in_chans, v.hidden_dim, kernel_size=v.patch_size, stride=v.patch_size)
+        n = v.num_blocks
+        self.blocks = nn.ModuleList(
+            MixerBlock(
+                self.num_tokens,
+                v.hidden_dim,
+                v.tokens_mlp_dim,
+                v.channels_mlp_dim,
+                stoch_depth * i / (n - 1) if n > 1 else 0.0,
+            )
+            for i in range(n)
+        )
+        self.norm = nn.LayerNorm(v.hidden_dim, eps=_LN_EPS)
+        self.head_drop = nn.Dropout(dropout)
+        self.head = nn.Linear(v.hidden_dim, num_classes) if num_classes else nn.Identity()
+        self._init_weights(head_bias_init)
+
+    @torch.no_grad()
+    def _init_weights(self, head_bias_init: float) -> None:
+        # The in-place init ops are no-ops on meta tensors, so this also runs under torch.device("meta").
+        for m in self.modules():
+            if isinstance(m, (nn.Linear, nn.Conv2d)):
+                lecun_normal_(m.weight)
+                nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.LayerNorm):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+        if isinstance(self.head, nn.Linear):
+            # Zero head: every class starts at the same logit, and early gradients stay small.
+            nn.init.zeros_(self.head.weight)
+            nn.init.constant_(self.head.bias, head_bias_init)
+
+    def forward_features(self, x: Tensor) -> Tensor:
+        """Images (B, in_chans, H, W) -> pre_logits (B, C)."""
+        if x.shape[-2:] != (self.image_size, self.image_size):
+            raise ValueError(
+                f"Mixer {self.variant.name} was built for {self.image_size}x{self.image_size} inputs "
+                f"(S={self.num_tokens} tokens), got {tuple(x.shape[-2:])}"
+            )
+        x = self.stem(x).flatten(2).transpose(1, 2)  # (B, C, H/P, W/P) -> (B, S, C), row-major patches
+        for block in self.blocks:
+            x = block(x)
+        return self.norm(x).mean(dim=1)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        """Images -> (logits (B, num_classes), {"pre_logits": (B, C)}), as big_vision's models."""
+        pre_logits = self.forward_features(x)
+        logits = self.head(self.head_drop(pre_logits))
+        return logits, {"pre_logits": pre_logits}
+
+    def token_mixing_weights(self, block: int) -> Tensor:
+        """Weight of the first token-mixing Linear of ``block``, shape (D_S, S), detached.
+
+        Row d holds hidden unit d's weights over the S patches; reshaped to sqrt(S) x sqrt(S) it is
+        the picture of the paper's Fig. 5.
+        """
+        return self.blocks[block].token_mixing.fc1.weight.detach()
+
+
+def build_model(name: str, image_size: int, num_classes: int, **kwargs) -> MlpMixer:
+    """Build ``MlpMixer`` from a variant name ("B-16" or "B/16"); kwargs go to the constructor."""
+    return MlpMixer(get_variant(name), image_size, num_classes, **kwargs)
+
+
+def kernel_and_other_params(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+    """Split parameters into kernels (ndim >= 2: Linear and Conv weights) and the rest.
+
+    Weight decay applies to kernels only (big_vision's decoupled decay), not to biases or LayerNorm.
+    """
+    kernels: list[nn.Parameter] = []
+    others: list[nn.Parameter] = []
+    for p in model.parameters():
+        (kernels if p.ndim >= 2 else others).append(p)
+    return kernels, others
