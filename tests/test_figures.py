@@ -1,0 +1,206 @@
+import numpy as np
+import pandas as pd
+import pytest
+
+from analysis import figures
+from analysis.figures import family_of
+from analysis.pareto import pareto_front
+
+VARIANTS = {"Micro-4": (1e15, 9000.0), "B-32": (1e17, 4200.0), "L-32": (4e17, 1300.0), "L-16": (1.5e18, 420.0)}
+FRACTIONS = (0.03, 0.1, 0.3, 1.0)
+
+
+@pytest.fixture
+def df():
+    rows = []
+    for i, (variant, (flops, throughput)) in enumerate(VARIANTS.items()):
+        for j, fraction in enumerate(FRACTIONS):
+            acc = 0.2 + 0.1 * i + 0.05 * j
+            rows.append(
+                {
+                    "study": "data_fraction",
+                    "trial": f"variant={variant},fraction={fraction}",
+                    "status": "FINISHED",
+                    "variant": variant,
+                    "family": family_of(variant),
+                    "patch_size": int(variant.split("-")[1]),
+                    "image_size": 224,
+                    "fraction": fraction,
+                    "train_images": int(fraction * 1_281_167),
+                    "steps": 10_000,
+                    "epochs": 10_000 * 4096 / (fraction * 1_281_167),
+                    "images_seen": 10_000 * 4096,
+                    "train_flops": flops * (1 + 0.01 * j),
+                    "core_seconds": flops / 1e12,
+                    "img_per_s_per_core": throughput,
+                    "best_val_acc": acc + 0.1,
+                    "final_val_acc": acc + 0.08,
+                    "fewshot_1shot": acc - 0.1,
+                    "fewshot_5shot": acc,
+                    "fewshot_10shot": acc + 0.02,
+                    "fewshot_25shot": acc + 0.03,
+                }
+            )
+    df = pd.DataFrame(rows)
+    df.loc[1, "fewshot_5shot"] = np.nan  # a trial still running
+    return df
+
+
+def _texts(fig):
+    return " ".join(t.get_text() for t in fig.findobj(lambda a: hasattr(a, "get_text")))
+
+
+def _points(artists):
+    return sum(len(a.get_offsets()) for a in artists)
+
+
+def _assert_files(paths, *suffixes):
+    assert sorted(p.suffix for p in paths) == sorted(suffixes)
+    for p in paths:
+        assert p.exists() and p.stat().st_size > 0
+
+
+def test_family_of():
+    assert family_of("B-16") == "B"
+    assert family_of("Micro-4") == "Micro"
+    assert family_of("L/32") == "L"
+    assert family_of("custom") == "custom"
+
+
+def test_every_function_writes_png_and_pdf(df, tmp_path):
+    rng = np.random.default_rng(0)
+    for paths in (
+        figures.fig2_left(df, tmp_path),
+        figures.fig2_right(df, tmp_path),
+        figures.fig3(df, tmp_path),
+        figures.fig5_token_mixing([rng.normal(size=(8, 16)) for _ in range(3)], tmp_path),
+    ):
+        _assert_files(paths, ".png", ".pdf")
+    _assert_files(figures.results_table(df, tmp_path), ".md", ".csv")
+
+
+def test_fig2_left_points_and_frontier(df):
+    fig = figures._build_fig2_left(df, "fewshot_5shot", "train_flops")
+    (ax,) = fig.axes
+    data = df.dropna(subset=["fewshot_5shot"])
+    assert len(ax.collections) == len(VARIANTS)
+    assert _points(ax.collections) == len(data)
+    plotted_y = np.sort(np.concatenate([c.get_offsets()[:, 1] for c in ax.collections]))
+    np.testing.assert_allclose(plotted_y, np.sort(100 * data["fewshot_5shot"]))
+    (front_line,) = ax.lines
+    front = pareto_front(data, "train_flops", "fewshot_5shot")
+    assert front_line.get_linestyle() == "--"
+    assert len(front_line.get_xdata()) == len(front)
+    np.testing.assert_allclose(front_line.get_xdata(), front["train_flops"])
+    assert ax.get_xscale() == "log"
+    assert "FLOPs" in ax.get_xlabel() and "%" in ax.get_ylabel()
+
+
+def test_fig2_right_one_sorted_line_per_variant(df):
+    fig = figures._build_fig2_right(df, "fewshot_5shot")
+    (ax,) = fig.axes
+    assert len(ax.lines) == len(VARIANTS)
+    assert sum(len(line.get_xdata()) for line in ax.lines) == df["fewshot_5shot"].notna().sum()
+    for line in ax.lines:
+        x = np.asarray(line.get_xdata())
+        assert np.all(np.diff(x) >= 0) and line.get_marker() not in (None, "None", "")
+    assert ax.get_xscale() == "log"
+
+
+def test_fig3_lines_per_family(df):
+    fig = figures._build_fig3(df, "fewshot_5shot")
+    left, right = fig.axes[:2]
+    families = {family_of(v) for v in VARIANTS}
+    for ax in (left, right):
+        assert len(ax.lines) == len(families)
+        assert sum(len(line.get_xdata()) for line in ax.lines) == df["fewshot_5shot"].notna().sum()
+        assert ax.get_xscale() == "log"
+    assert "FLOPs" in left.get_xlabel() and "img/s/core" in right.get_xlabel()
+    # The same family has the same colour in every panel.
+    assert [line.get_color() for line in left.lines] == [line.get_color() for line in right.lines]
+
+
+def test_missing_data_gives_explanatory_figure(df, tmp_path):
+    no_fewshot = df.drop(columns=["fewshot_5shot"])
+    fig = figures._build_fig2_left(no_fewshot, "fewshot_5shot", "train_flops")
+    assert "fewshot_5shot" in _texts(fig)
+    assert not fig.axes[0].collections and not fig.axes[0].lines
+
+    all_nan = df.assign(fewshot_5shot=np.nan)
+    fig = figures._build_fig2_right(all_nan, "fewshot_5shot")
+    assert "no trials with train_images and fewshot_5shot yet" in _texts(fig)
+    _assert_files(figures.fig2_right(all_nan, tmp_path), ".png", ".pdf")
+
+    # One panel of Fig. 3 can be explained while the other is drawn.
+    fig = figures._build_fig3(df.drop(columns=["img_per_s_per_core"]), "fewshot_5shot")
+    left, right = fig.axes[:2]
+    assert left.lines and not right.lines
+    assert "img_per_s_per_core" in _texts(fig)
+
+
+def _inverse_pairs():
+    """Units: a ramp, a checkerboard, two random ones and their negatives (half as large), shuffled.
+
+    Returns the (8, 16) weights and where each base unit and its inverse ended up.
+    """
+    rng = np.random.default_rng(1)
+    yy, xx = np.mgrid[:4, :4]
+    ramp = (xx - 1.5).ravel()  # low spatial frequency
+    checker = ((-1.0) ** (xx + yy)).ravel()  # the Nyquist checkerboard: highest frequency
+    base = np.stack([ramp, checker, rng.normal(size=16), rng.normal(size=16)])
+    perm = rng.permutation(8)
+    w = np.concatenate([base, -0.5 * base])[perm]
+    where = np.argsort(perm)  # where[u] = row of w that holds unit u
+    return w, {name: {int(where[u]), int(where[u + 4])} for u, name in enumerate(["ramp", "checker", "r1", "r2"])}
+
+
+def test_fig5_pairs_inverse_units_and_sorts_by_frequency(tmp_path):
+    w, pair_of = _inverse_pairs()
+    pairs = figures.pair_units(w)
+    assert sorted(map(sorted, pairs)) == sorted(map(sorted, pair_of.values()))
+    assert set(pairs[0]) == pair_of["ramp"]
+    assert set(pairs[-1]) == pair_of["checker"]
+
+    fig = figures._build_fig5([w, w[::-1], w], "title", max_units=32)
+    image_axes = [ax for ax in fig.axes if ax.images]
+    assert len(image_axes) == 3 * 8
+    images = [np.asarray(ax.images[0].get_array()).ravel() for ax in image_axes[:8]]
+    for a, b in zip(images[::2], images[1::2]):  # each unit is shown next to its inverse
+        assert a @ b / (np.linalg.norm(a) * np.linalg.norm(b)) == pytest.approx(-1.0)
+    vmin, vmax = image_axes[0].images[0].get_clim()
+    assert vmin == -vmax and vmax > 0
+    _assert_files(figures.fig5_token_mixing([w], tmp_path), ".png", ".pdf")
+
+
+def test_fig5_limits_units_and_rejects_non_square():
+    rng = np.random.default_rng(2)
+    fig = figures._build_fig5([rng.normal(size=(64, 49))], "t", max_units=8)
+    assert len([ax for ax in fig.axes if ax.images]) == 8
+    with pytest.raises(ValueError, match="15 tokens is not a perfect square"):
+        figures._build_fig5([rng.normal(size=(8, 15))], "t", max_units=8)
+
+
+def test_results_table(df, tmp_path):
+    shuffled = df.sample(frac=1.0, random_state=0).drop(columns=["core_seconds"])
+    md, csv = figures.results_table(shuffled, tmp_path)
+    table = pd.read_csv(csv)
+    assert len(table) == len(df)
+    order = ["Micro-4", "B-32", "L-32", "L-16"]
+    assert table["variant"].tolist() == [v for v in order for _ in FRACTIONS]
+    assert table["fraction"].tolist() == list(FRACTIONS) * len(VARIANTS)
+    assert table["core_seconds"].isna().all()
+    text = md.read_text()
+    lines = text.strip().splitlines()
+    assert len(lines) == 2 + len(df)
+    assert "5-shot acc (%)" in lines[0] and "train FLOPs" in lines[0]
+    first = [c.strip() for c in lines[2].strip("|").split("|")]
+    assert first[:3] == ["Micro-4", "224", "3%"]
+    assert first[7] == "20.0"  # 5-shot accuracy in percent, one decimal
+    assert first[9] == "1.00e+15" and first[10] == "–"
+    assert "–" in lines[3]  # the missing 5-shot value
+
+
+def test_results_table_empty(tmp_path):
+    md, csv = figures.results_table(pd.DataFrame(), tmp_path)
+    assert "No trials" in md.read_text()
+    assert csv.stat().st_size > 0
