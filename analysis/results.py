@@ -1,0 +1,98 @@
+"""MLflow -> pandas: one row per trial of a study, with the columns the figures and tables use.
+
+Only MLflow is read (no Ray, no pipeline imports), so results can be rebuilt anywhere the tracking store is
+reachable: ``load_study("sqlite:///mlflow.db", "demo")``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from mlflow.tracking import MlflowClient
+
+from analysis.figures import family_of
+from workers.model import get_variant
+
+# MLflow metric -> results column.
+METRICS = {
+    "best/val_acc": "best_val_acc",
+    "val/acc": "final_val_acc",
+    "compute/train_flops": "train_flops",
+    "compute/core_seconds": "core_seconds",
+    "compute/cpu_seconds": "cpu_seconds",
+    "compute/wall_seconds": "wall_seconds",
+    "compute/images_seen": "images_seen",
+    "compute/epochs": "epochs",
+    "perf/img_per_s_per_core": "img_per_s_per_core",
+    "perf/train_img_per_s_per_core": "train_img_per_s_per_core",
+}
+# MLflow param -> (results column, type).
+PARAMS = {
+    "model.variant": ("variant", str),
+    "data.fraction": ("fraction", float),
+    "data.image_size": ("image_size", int),
+    "data.train_images": ("train_images", int),
+    "train.steps": ("steps", int),
+    "train.batch_size": ("batch_size", int),
+}
+COLUMNS = ["study", "trial", "status", "run_id", "variant", "family", "patch_size", "image_size", "fraction",
+           "train_images", "steps", "batch_size", "epochs", "images_seen", "train_flops", "core_seconds",
+           "cpu_seconds", "wall_seconds", "img_per_s_per_core", "train_img_per_s_per_core", "best_val_acc",
+           "final_val_acc", "checkpoint"]
+
+
+def load_study(tracking_uri: str, study: str, experiment: str | None = None) -> pd.DataFrame:
+    """Every trial run of ``study`` (tag ``mixer.role = trial``) as a DataFrame, sorted by variant then fraction.
+
+    Few-shot metrics appear as ``fewshot_<k>shot`` columns for every k that was logged. Raises ``LookupError``
+    naming the experiment if it does not exist.
+    """
+    client = MlflowClient(tracking_uri)
+    name = experiment or study
+    exp = client.get_experiment_by_name(name)
+    if exp is None:
+        known = ", ".join(e.name for e in client.search_experiments()) or "none"
+        raise LookupError(f"no MLflow experiment '{name}' at {tracking_uri} (experiments there: {known})")
+    runs = client.search_runs(
+        [exp.experiment_id],
+        filter_string=f"tags.`mixer.study` = '{study}' and tags.`mixer.role` = 'trial'",
+        max_results=10_000,
+    )
+    rows = [_row(study, run) for run in runs]
+    df = pd.DataFrame(rows)
+    for column in COLUMNS:
+        if column not in df:
+            df[column] = np.nan
+    fewshot = sorted((c for c in df if c.startswith("fewshot_") and c.endswith("shot")),
+                     key=lambda c: int(c[len("fewshot_"):-len("shot")]))
+    df = df[COLUMNS + fewshot]
+    return df.sort_values(["variant", "fraction", "trial"], na_position="last", ignore_index=True)
+
+
+def _row(study: str, run) -> dict:
+    metrics, params, tags = run.data.metrics, run.data.params, run.data.tags
+    row: dict = {"study": study, "trial": tags.get("mixer.trial", run.info.run_name), "status": run.info.status,
+                 "run_id": run.info.run_id, "checkpoint": tags.get("checkpoint.best")}
+    for param, (column, kind) in PARAMS.items():
+        row[column] = kind(params[param]) if param in params else np.nan
+    for metric, column in METRICS.items():
+        row[column] = metrics.get(metric, np.nan)
+    for key, value in metrics.items():
+        if key.startswith("fewshot/") and key.endswith("shot"):
+            row["fewshot_" + key.split("/", 1)[1]] = value
+    if isinstance(row["variant"], str):
+        variant = get_variant(row["variant"])
+        row["family"], row["patch_size"] = family_of(variant.name), variant.patch_size
+    return row
+
+
+def export(df: pd.DataFrame, out_dir: str | Path) -> list[Path]:
+    """Write the table as CSV and parquet; returns the paths."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    csv, parquet = out_dir / "results.csv", out_dir / "results.parquet"
+    df.to_csv(csv, index=False)
+    df.to_parquet(parquet, index=False)
+    return [csv, parquet]

@@ -1,0 +1,270 @@
+"""``mixer-study``: the command line. Each verb is a thin wrapper over a library function.
+
+  models    list the model variants with sizes and FLOPs
+  shards    write WebDataset shards (bundled digits, or an ImageFolder tree)
+  plan      dry run of a study: grid, steps, epochs, FLOPs (no Ray)
+  run       run a study on Ray Tune (embedded local Ray, or --address / $RAY_ADDRESS)
+  resume    finish an interrupted study
+  train     run one trial (a study's base recipe, with --set overrides)
+  fewshot   linear few-shot evaluation of a checkpoint
+  report    results table + the paper's figures from a study's MLflow runs
+  ui        the MLflow UI on 127.0.0.1
+  bench     speed benchmarks (prints a table, writes JSON)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+def _models(args: argparse.Namespace) -> None:
+    from workers.model import VARIANTS, forward_flops, num_tokens, param_count
+
+    print(f"{'variant':>8} {'layers':>6} {'P':>3} {'C':>5} {'D_S':>5} {'D_C':>5} {'S':>5} {'params':>13} "
+          f"{'GFLOPs/img':>10}  description   (image size {args.image_size}, {args.num_classes} classes)")
+    for v in VARIANTS.values():
+        if args.image_size % v.patch_size:
+            print(f"{v.name:>8}  -- image size {args.image_size} not divisible by patch size {v.patch_size}")
+            continue
+        print(f"{v.name:>8} {v.num_blocks:>6} {v.patch_size:>3} {v.hidden_dim:>5} {v.tokens_mlp_dim:>5} "
+              f"{v.channels_mlp_dim:>5} {num_tokens(v, args.image_size):>5} "
+              f"{param_count(v, args.image_size, args.num_classes):>13,} "
+              f"{forward_flops(v, args.image_size, args.num_classes) / 1e9:>10.4g}  {v.description}")
+
+
+def _shards(args: argparse.Namespace) -> None:
+    from workers.data import shards_from_digits, shards_from_imagefolder
+
+    if args.source == "digits":
+        manifests = shards_from_digits(args.out, image_size=args.image_size, samples_per_shard=args.samples_per_shard,
+                                       seed=args.seed)
+    else:
+        if not args.root:
+            raise SystemExit("mixer-study shards --from imagefolder needs --root DIR (class_name/*.jpg|png)")
+        manifests = shards_from_imagefolder(args.root, args.out, image_size=args.image_size,
+                                            samples_per_shard=args.samples_per_shard, seed=args.seed)
+    for split, m in manifests.items():
+        print(f"{split:>6}: {m.num_samples:6d} samples in {len(m.shards):4d} shards, {m.num_classes} classes, "
+              f"{m.image_size}px -> {m.url}")
+
+
+def _plan(args: argparse.Namespace) -> None:
+    from pipeline.plan import format_plan, plan_study
+    from pipeline.spec import load_study
+
+    spec = load_study(args.study)
+    print(format_plan(spec, plan_study(spec)))
+
+
+def _run(args: argparse.Namespace) -> None:
+    from pipeline.spec import load_study
+    from pipeline.tune import run_study
+
+    spec = load_study(args.study)
+    rows = run_study(spec, address=args.address, tracking_uri=args.tracking_uri, storage=args.storage)
+    _print_rows(rows)
+    print(f"next: mixer-study report {spec.name}" + (f" --tracking-uri {args.tracking_uri}" if args.tracking_uri else ""))
+    if any(r["status"] != "DONE" for r in rows):
+        raise SystemExit(1)
+
+
+def _resume(args: argparse.Namespace) -> None:
+    from pipeline.tune import resume_study
+
+    rows = resume_study(args.name, address=args.address, storage=args.storage)
+    _print_rows(rows)
+    if any(r["status"] != "DONE" for r in rows):
+        raise SystemExit(1)
+
+
+def _print_rows(rows: list[dict[str, Any]]) -> None:
+    def fmt(value: Any) -> str:
+        return f"{value:.3f}" if isinstance(value, float) else "-"
+
+    print(f"{'trial':<40} {'status':>6} {'best val/acc':>12} {'5-shot':>7}")
+    for r in rows:
+        print(f"{r['trial']:<40} {r['status']:>6} {fmt(r['best/val_acc']):>12} {fmt(r['fewshot/5shot']):>7}")
+
+
+def _parse_overrides(pairs: list[str]) -> dict[str, Any]:
+    overrides = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise SystemExit(f"--set expects key=value (e.g. model.variant=Micro-4), got {pair!r}")
+        overrides[key] = yaml.safe_load(value)
+    return overrides
+
+
+def _train(args: argparse.Namespace) -> None:
+    import dataclasses
+
+    from pydantic import ValidationError
+
+    from pipeline.spec import StudyError, load_study, recipe_fields, trial_name
+    from pipeline.tracking import resolve_tracking_uri
+    from pipeline.trial import TrialJob, run_trial
+    from pipeline.tune import init_ray, ray_logs_dir, resolve_storage
+
+    spec = load_study(args.config)
+    overrides = _parse_overrides(args.set)
+    unknown = [k for k in overrides if k not in recipe_fields()]
+    if unknown:
+        raise StudyError(f"--set {unknown}: not recipe fields; allowed: {', '.join(recipe_fields())}")
+    try:
+        config = spec.trial_config(overrides)
+    except ValidationError as error:
+        raise StudyError(f"--set {overrides}: {error}") from None
+    name = args.name or "train-" + trial_name(overrides)
+    tracking_uri = resolve_tracking_uri(args.tracking_uri, spec.tracking.uri)
+    r = spec.resources
+    job = TrialJob(name=name, study=spec.name, trial=config.model_dump(mode="json"), tracking_uri=tracking_uri,
+                   experiment=spec.experiment, storage="/".join([resolve_storage(args.storage), spec.name, "train"]),
+                   workers=r.workers_per_trial, cpus_per_worker=r.cpus_per_worker, gpus_per_worker=r.gpus_per_worker,
+                   max_failures=r.max_failures, point=overrides)
+    init_ray(args.address)
+    print(f"trial {name}: {r.workers_per_trial} workers; MLflow {tracking_uri}; Ray logs {ray_logs_dir()}")
+    final = run_trial(dataclasses.asdict(job))
+    print(json.dumps(final, indent=2))
+
+
+def _fewshot(args: argparse.Namespace) -> None:
+    from analysis.features import fewshot_for_model
+    from workers.train import load_model_from_checkpoint
+
+    train = args.train or (f"{args.data.rstrip('/')}/train" if args.data else None)
+    test = args.test or (f"{args.data.rstrip('/')}/test" if args.data else None)
+    if not (train and test):
+        raise SystemExit("give --data SHARD_DIR (with train/ and test/ splits) or both --train and --test")
+    model = load_model_from_checkpoint(args.checkpoint)
+    metrics = fewshot_for_model(model, train, test, shots=tuple(args.shots), seeds=args.seeds, l2_reg=args.l2_reg)
+    for key, value in metrics.items():
+        print(f"{key:>24}: {value:.4f}")
+
+
+def _report(args: argparse.Namespace) -> None:
+    from analysis.report import build_report
+    from pipeline.tracking import resolve_tracking_uri
+
+    out = args.out or f"results/{args.study}"
+    paths = build_report(resolve_tracking_uri(args.tracking_uri), args.study, out, experiment=args.experiment)
+    print(f"report of study {args.study}: {len(paths)} files in {Path(out).resolve()}")
+    for path in paths:
+        print(f"  {path}")
+
+
+def _ui(args: argparse.Namespace) -> None:
+    from pipeline.tracking import resolve_tracking_uri
+
+    uri = resolve_tracking_uri(args.tracking_uri)
+    print(f"MLflow UI for {uri} at http://{args.host}:{args.port} (Ctrl-C to stop)")
+    command = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", args.host,
+               "--port", str(args.port)]
+    raise SystemExit(subprocess.call(command))
+
+
+def _bench(args: argparse.Namespace) -> None:
+    from pipeline.bench import run_benchmarks
+
+    run_benchmarks(variants=args.variants, image_size=args.image_size, batch_size=args.batch_size, out=args.out)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mixer-study", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
+
+    p = verbs.add_parser("models", help="list model variants")
+    p.add_argument("--image-size", type=int, default=224)
+    p.add_argument("--num-classes", type=int, default=1000)
+    p.set_defaults(func=_models)
+
+    p = verbs.add_parser("shards", help="write WebDataset shards")
+    p.add_argument("--from", dest="source", choices=["digits", "imagefolder"], default="digits")
+    p.add_argument("--root", help="ImageFolder root (class_name/*.jpg|png) for --from imagefolder")
+    p.add_argument("--out", required=True, help="output folder (any fsspec URL); one subfolder per split")
+    p.add_argument("--image-size", type=int, default=16)
+    p.add_argument("--samples-per-shard", type=int, default=25)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_shards)
+
+    p = verbs.add_parser("plan", help="dry run: the grid, steps, epochs and FLOPs of a study")
+    p.add_argument("study", help="study YAML file")
+    p.set_defaults(func=_plan)
+
+    ray_args = argparse.ArgumentParser(add_help=False)
+    ray_args.add_argument("--address", help="Ray cluster address (default $RAY_ADDRESS, else an embedded local Ray)")
+    ray_args.add_argument("--storage", help="checkpoint/experiment storage, a path or URL such as s3://bucket/x "
+                                            "(default $MIXER_STUDY_STORAGE, else ./runs)")
+    track_args = argparse.ArgumentParser(add_help=False)
+    track_args.add_argument("--tracking-uri", help="MLflow tracking URI (default: study file, $MLFLOW_TRACKING_URI, "
+                                                   "else sqlite ./mlflow.db)")
+
+    p = verbs.add_parser("run", parents=[ray_args, track_args], help="run a study on Ray Tune")
+    p.add_argument("study", help="study YAML file")
+    p.set_defaults(func=_run)
+
+    p = verbs.add_parser("resume", parents=[ray_args], help="finish an interrupted study")
+    p.add_argument("name", help="study name (as in its YAML)")
+    p.set_defaults(func=_resume)
+
+    p = verbs.add_parser("train", parents=[ray_args, track_args], help="run one trial of a study's base recipe")
+    p.add_argument("--config", required=True, help="study YAML file (its base recipe is trained; grid ignored)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a recipe field, e.g. --set model.variant=Micro-4 (repeatable)")
+    p.add_argument("--name", help="trial name (default train-<overrides>); rerunning a name continues it")
+    p.set_defaults(func=_train)
+
+    p = verbs.add_parser("fewshot", help="linear few-shot accuracy of a checkpoint")
+    p.add_argument("--checkpoint", required=True, help="checkpoint folder (state.pt + model.json)")
+    p.add_argument("--data", help="downstream shard folder with train/ and test/ splits")
+    p.add_argument("--train", help="manifest URL of the split the k-shot sets come from")
+    p.add_argument("--test", help="manifest URL of the test split")
+    p.add_argument("--shots", type=int, nargs="+", default=[1, 5, 10, 25])
+    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--l2-reg", type=float, default=2.0**10)
+    p.set_defaults(func=_fewshot)
+
+    p = verbs.add_parser("report", parents=[track_args], help="results table and paper figures of a study")
+    p.add_argument("study", help="study name")
+    p.add_argument("--out", help="output folder (default results/<study>)")
+    p.add_argument("--experiment", help="MLflow experiment if not the study name")
+    p.set_defaults(func=_report)
+
+    p = verbs.add_parser("ui", parents=[track_args], help="MLflow UI for the tracking store")
+    p.add_argument("--host", default="127.0.0.1", help="bind address (default loopback only)")
+    p.add_argument("--port", type=int, default=5000)
+    p.set_defaults(func=_ui)
+
+    p = verbs.add_parser("bench", help="speed benchmarks: training step fp32 vs bf16, inference, data reading")
+    p.add_argument("--variants", nargs="+", default=["Micro-4", "Mini-4", "S-32"])
+    p.add_argument("--image-size", type=int, default=32)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--out", default="bench-results/bench.json")
+    p.set_defaults(func=_bench)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    from pipeline.spec import StudyError
+
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except (StudyError, LookupError, FileNotFoundError, ValueError) as error:
+        if os.environ.get("MIXER_STUDY_DEBUG"):
+            raise
+        print(f"mixer-study {args.verb}: error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,101 @@
+"""StudySpec -> the list of trials to run, with their names, steps, epochs and analytic compute. No Ray here.
+
+``mixer-study plan`` prints this; ``mixer-study run`` hands the same list to Ray Tune, so what the dry run shows is
+exactly what runs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any
+
+from pipeline.spec import StudyError, StudySpec, trial_name
+from workers.config import TrialConfig, flatten
+from workers.data import Manifest, load_manifest, subset_size
+from workers.model import forward_flops, get_variant, num_tokens, train_flops_per_image
+
+
+@dataclass(frozen=True)
+class TrialPlan:
+    name: str                    # deterministic, from the grid point: also the MLflow child run's name
+    point: dict[str, Any]        # the grid coordinates (resolved values, e.g. B/16 -> B-16)
+    config: TrialConfig
+    image_size: int
+    num_classes: int
+    train_images: int            # size of the nested training subset
+    epochs: float                # passes over that subset in `steps` steps
+    forward_gflops: float        # per image
+    train_flops: float           # 3 x forward x images seen
+
+    @property
+    def images_seen(self) -> int:
+        return self.config.train.steps * self.config.train.batch_size
+
+
+@lru_cache(maxsize=64)
+def _manifest(url: str) -> Manifest:
+    return load_manifest(url)
+
+
+def plan_study(spec: StudySpec) -> list[TrialPlan]:
+    """Expand the grid and compute each trial's accounting. Reads the data manifests (small JSON files)."""
+    plans = []
+    for raw_point in spec.grid_points():
+        config = spec.trial_config(raw_point)
+        flat = flatten(config)
+        point = {key: flat[key] for key in raw_point}
+        try:
+            manifest = _manifest(config.data.train)
+            _manifest(config.data.val)
+            if config.fewshot.enabled:
+                _manifest(config.fewshot.train)
+                _manifest(config.fewshot.test)
+        except (OSError, ValueError) as error:
+            raise StudyError(f"study {spec.name}, trial {trial_name(point)}: cannot read a data manifest: {error}") from None
+        variant = get_variant(config.model.variant)
+        try:
+            num_tokens(variant, manifest.image_size)
+        except ValueError as error:
+            raise StudyError(f"model.variant {variant.name} does not fit data.train ({manifest.url}): {error}") from None
+        n_train = subset_size(manifest, config.data.fraction)
+        images_seen = config.train.steps * config.train.batch_size
+        plans.append(
+            TrialPlan(
+                name=trial_name(point),
+                point=point,
+                config=config,
+                image_size=manifest.image_size,
+                num_classes=manifest.num_classes,
+                train_images=n_train,
+                epochs=images_seen / n_train,
+                forward_gflops=forward_flops(variant, manifest.image_size, manifest.num_classes) / 1e9,
+                train_flops=float(train_flops_per_image(variant, manifest.image_size, manifest.num_classes)) * images_seen,
+            )
+        )
+    names = [p.name for p in plans]
+    if len(set(names)) != len(names):
+        raise StudyError(f"study {spec.name}: grid points give duplicate trial names: {names}")
+    return plans
+
+
+def format_plan(spec: StudySpec, plans: list[TrialPlan]) -> str:
+    """The dry-run table: one line per trial and the totals."""
+    r = spec.resources
+    lines = [
+        f"study {spec.name}: {len(plans)} trial(s), {r.workers_per_trial} worker(s) x {r.cpus_per_worker} CPU"
+        + (f" + {r.gpus_per_worker} GPU" if r.gpus_per_worker else "")
+        + f" per trial; experiment '{spec.experiment}'",
+        f"{'trial':<40} {'variant':>8} {'px':>4} {'fraction':>8} {'subset':>8} {'steps':>7} {'batch':>6} "
+        f"{'epochs':>8} {'GFLOPs/img':>10} {'train FLOPs':>12}",
+    ]
+    for p in plans:
+        c = p.config
+        lines.append(
+            f"{p.name:<40} {c.model.variant:>8} {p.image_size:>4} {c.data.fraction:>8.3g} {p.train_images:>8} "
+            f"{c.train.steps:>7} {c.train.batch_size:>6} {p.epochs:>8.1f} {p.forward_gflops:>10.4g} {p.train_flops:>12.3e}"
+        )
+    total = sum(p.train_flops for p in plans)
+    lines.append(f"total: {sum(p.config.train.steps for p in plans)} steps, "
+                 f"{sum(p.images_seen for p in plans):,} images, {total:.3e} training FLOPs")
+    return "\n".join(lines)

@@ -1,0 +1,195 @@
+"""Study files: YAML -> a validated :class:`StudySpec`. Every error names the field, the bad value and what is allowed.
+
+A study is a base recipe (a ``workers.config.TrialConfig``) plus a grid over any of its fields (dotted keys such as
+``model.variant`` or ``data.fraction``), the resources each trial gets, and where results are tracked. Every grid
+point is validated here, before Ray starts, so a bad value in the third grid entry fails now, not an hour in.
+"""
+
+from __future__ import annotations
+
+import itertools
+import re
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from workers.config import TrialConfig
+
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
+# Fields that hold data URLs: relative local paths in a study file are resolved against the working directory,
+# so the trial processes (which run elsewhere) get absolute paths.
+URL_FIELDS = ("data.train", "data.val", "fewshot.train", "fewshot.test")
+
+
+class StudyError(ValueError):
+    """A study file is invalid; the message lists every problem, one per line, each naming its field."""
+
+
+class ResourcesSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    workers_per_trial: int = Field(2, ge=1, description="DDP workers (Ray Train worker actors) per trial")
+    cpus_per_worker: int = Field(1, ge=1)
+    gpus_per_worker: int = Field(0, ge=0, description="0 trains on CPU (gloo), >= 1 on GPU (nccl)")
+    max_concurrent_trials: int | None = Field(
+        None, ge=1, description="default: as many as the cluster's CPUs (or GPUs) hold at once"
+    )
+    max_failures: int = Field(1, ge=0, description="restarts of a failed trial (each resumes from its checkpoint)")
+
+
+class TrackingSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    uri: str | None = Field(None, description="MLflow tracking URI; default $MLFLOW_TRACKING_URI or ./mlflow.db")
+    experiment: str | None = Field(None, description="MLflow experiment; default the study name")
+
+
+class StudySpec(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(pattern=NAME_PATTERN, description="study name: letters, digits, '_', '.', '-'")
+    description: str = ""
+    base: TrialConfig
+    grid: dict[str, list[Any]] = Field(default_factory=dict)
+    resources: ResourcesSpec = ResourcesSpec()
+    tracking: TrackingSpec = TrackingSpec()
+
+    @field_validator("grid")
+    @classmethod
+    def _grid_shape(cls, grid: dict[str, list[Any]]) -> dict[str, list[Any]]:
+        for key, values in grid.items():
+            if not values:
+                raise ValueError(f"grid.{key} is an empty list: give at least one value")
+            if len(set(map(repr, values))) != len(values):
+                raise ValueError(f"grid.{key} repeats a value: {values}")
+        return grid
+
+    @property
+    def experiment(self) -> str:
+        return self.tracking.experiment or self.name
+
+    def grid_points(self) -> list[dict[str, Any]]:
+        """Cartesian product of the grid, in file order (first key slowest)."""
+        keys = list(self.grid)
+        return [dict(zip(keys, values)) for values in itertools.product(*(self.grid[k] for k in keys))]
+
+    def trial_config(self, point: dict[str, Any]) -> TrialConfig:
+        return TrialConfig.model_validate(_with_overrides(self.base.model_dump(), point))
+
+
+def _with_overrides(config: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    config = {k: dict(v) if isinstance(v, dict) else v for k, v in config.items()}
+    for dotted, value in overrides.items():
+        section, _, field = dotted.partition(".")
+        config[section][field] = value
+    return config
+
+
+def _format_errors(error: ValidationError, prefix: str = "") -> list[str]:
+    lines = []
+    for item in error.errors():
+        where = prefix + ".".join(str(part) for part in item["loc"])
+        value = item.get("input")
+        shown = "" if isinstance(value, dict) else f" (got {value!r})"
+        lines.append(f"{where or '<top level>'}: {item['msg']}{shown}")
+    return lines
+
+
+def _resolve_local_paths(raw: dict[str, Any], base_dir: Path) -> None:
+    """Make relative local data paths absolute (URLs with a scheme such as s3:// are left alone)."""
+    def fix(value: Any) -> Any:
+        if isinstance(value, str) and "://" not in value and not Path(value).is_absolute():
+            return str((base_dir / value).resolve())
+        return value
+
+    for dotted in URL_FIELDS:
+        section, _, field = dotted.partition(".")
+        if isinstance(raw.get("base", {}).get(section), dict) and field in raw["base"][section]:
+            raw["base"][section][field] = fix(raw["base"][section][field])
+        if isinstance(raw.get("grid"), dict) and isinstance(raw["grid"].get(dotted), list):
+            raw["grid"][dotted] = [fix(v) for v in raw["grid"][dotted]]
+
+
+def parse_study(raw: Any, source: str = "<study>", base_dir: Path | None = None) -> StudySpec:
+    """Validate a study given as a dict (e.g. parsed YAML). Raises :class:`StudyError` listing every problem."""
+    if not isinstance(raw, dict):
+        raise StudyError(f"{source}: a study file must be a YAML mapping (name, base, grid, ...), got {type(raw).__name__}")
+    _resolve_local_paths(raw, base_dir or Path.cwd())
+    try:
+        spec = StudySpec.model_validate(raw)
+    except ValidationError as error:
+        raise StudyError(f"{source} is invalid:\n  " + "\n  ".join(_format_errors(error))) from None
+
+    problems = []
+    known = set(recipe_fields())
+    for key in spec.grid:
+        if key not in known:
+            problems.append(f"grid.{key}: not a recipe field; allowed keys: {', '.join(sorted(known))}")
+    if not problems:
+        # Validate every value of every grid key in the context of the base recipe.
+        for key, values in spec.grid.items():
+            for index, value in enumerate(values):
+                try:
+                    spec.trial_config({key: value})
+                except ValidationError as error:
+                    problems += _format_errors(error, prefix=f"grid.{key}[{index}] -> ")
+        for point in spec.grid_points() if not problems else []:
+            try:
+                spec.trial_config(point)
+            except ValidationError as error:
+                problems += _format_errors(error, prefix=f"grid point {point} -> ")
+    workers = spec.resources.workers_per_trial
+    for point in spec.grid_points() if not problems else []:
+        batch = spec.trial_config(point).train.batch_size
+        if batch % workers:
+            problems.append(
+                f"train.batch_size: {batch} is not divisible by resources.workers_per_trial ({workers}) "
+                f"at grid point {point}"
+            )
+            break
+    if problems:
+        raise StudyError(f"{source} is invalid:\n  " + "\n  ".join(problems))
+    return spec
+
+
+def load_study(path: str | Path) -> StudySpec:
+    """Read and validate a study YAML file (``yaml.safe_load``; relative data paths resolve against the cwd)."""
+    path = Path(path)
+    if not path.is_file():
+        raise StudyError(f"study file {path} does not exist")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:
+        raise StudyError(f"{path}: not valid YAML: {error}") from None
+    return parse_study(raw, source=str(path))
+
+
+def recipe_fields(model: type[BaseModel] = TrialConfig, prefix: str = "") -> list[str]:
+    """Dotted names of every recipe field (the keys a grid or --set may use)."""
+    leaves = []
+    for name, field in model.model_fields.items():
+        annotation = field.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            leaves += recipe_fields(annotation, f"{prefix}{name}.")
+        else:
+            leaves.append(prefix + name)
+    return leaves
+
+
+def trial_name(point: dict[str, Any]) -> str:
+    """Deterministic, human-readable trial name from a grid point: ``variant=B-16,fraction=0.1``.
+
+    Keys are shortened to their last part unless that would be ambiguous. The empty grid gives ``base``.
+    """
+    if not point:
+        return "base"
+    short = [key.rsplit(".", 1)[-1] for key in point]
+    keys = short if len(set(short)) == len(short) else list(point)
+    name = ",".join(f"{k}={_format_value(v)}" for k, v in zip(keys, point.values()))
+    return re.sub(r"[^A-Za-z0-9_.,=+-]", "_", name)
+
+
+def _format_value(value: Any) -> str:
+    return repr(value) if isinstance(value, float) else str(value)

@@ -1,0 +1,202 @@
+"""Run a study with Ray Tune: one function-trainable trial per grid point, each fitting a ``TorchTrainer``.
+
+Layout on storage (local path or any pyarrow/fsspec URL such as s3://bucket/prefix)::
+
+    <storage>/<study>/study.yaml        the resolved spec (what `mixer-study resume` reads)
+    <storage>/<study>/tune/...          Ray Tune experiment state (Tuner.restore)
+    <storage>/<study>/train/<trial>/    Ray Train run of each trial: checkpoints (resume + best checkpoint)
+
+Resources: the Tune trial itself only orchestrates (it holds 0 CPU and a token of memory, since Ray rejects an
+empty resource request); its ``TorchTrainer`` workers hold the CPUs/GPUs. So a 2-CPU machine runs one 2-worker
+trial at a time and a cluster runs as many as its CPUs (or GPUs) hold.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+from typing import Any, Callable
+
+import fsspec
+import mlflow.tracking
+import ray
+import yaml
+from ray import tune
+
+from pipeline.plan import TrialPlan, plan_study
+from pipeline.progress import StudyProgress
+from pipeline.spec import StudyError, StudySpec, parse_study
+from pipeline.tracking import end_run, experiment_id, resolve_tracking_uri, study_run
+from pipeline.trial import TrialJob, run_trial
+
+DEFAULT_STORAGE = "runs"
+# The trial driver needs no CPU: Ray rejects an all-zero request ("empty head"), so ask for a token of memory.
+TRIAL_DRIVER_RESOURCES = {"cpu": 0, "memory": 2**20}
+
+
+def resolve_storage(storage: str | None) -> str:
+    """--storage, then $MIXER_STUDY_STORAGE, then ./runs; local paths made absolute (Ray requires it)."""
+    storage = storage or os.environ.get("MIXER_STUDY_STORAGE") or DEFAULT_STORAGE
+    return storage if "://" in storage else str(Path(storage).resolve())
+
+
+def _join(base: str, *parts: str) -> str:
+    return "/".join([base.rstrip("/"), *parts])
+
+
+def tune_trainable(config: dict[str, Any]) -> None:
+    """The Tune function trainable: one grid point. Final metrics go to Tune for the progress lines."""
+    tune.report(run_trial(config["job"], in_tune=True))
+
+
+def init_ray(address: str | None) -> None:
+    """Connect to ``address`` / $RAY_ADDRESS if given, else start an embedded local Ray. Worker logs stay on disk."""
+    if ray.is_initialized():
+        return
+    os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+    ray.init(address=address or None, log_to_driver=False, include_dashboard=False if not (address or os.environ.get("RAY_ADDRESS")) else None,
+             logging_level="WARNING", runtime_env={"env_vars": {"RAY_TRAIN_V2_ENABLED": "1"}})
+
+
+def ray_logs_dir() -> str:
+    try:
+        return str(Path(ray._private.worker._global_node.get_session_dir_path()) / "logs")
+    except AttributeError:  # connected as a client: logs live on the cluster
+        return "the Ray cluster's session logs (dashboard > Logs)"
+
+
+def default_concurrency(spec: StudySpec) -> int:
+    """As many trials as the cluster's CPUs (and GPUs) hold at once."""
+    r = spec.resources
+    if r.max_concurrent_trials:
+        return r.max_concurrent_trials
+    total = ray.cluster_resources()
+    limit = int(total.get("CPU", 1) // (r.workers_per_trial * r.cpus_per_worker))
+    if r.gpus_per_worker:
+        limit = min(limit, int(total.get("GPU", 0) // (r.workers_per_trial * r.gpus_per_worker)))
+    if limit < 1:
+        raise StudyError(
+            f"the Ray cluster has {total.get('CPU', 0):g} CPU / {total.get('GPU', 0):g} GPU, less than one trial needs "
+            f"({r.workers_per_trial} workers x {r.cpus_per_worker} CPU, {r.gpus_per_worker} GPU): lower "
+            "resources.workers_per_trial or add nodes"
+        )
+    return limit
+
+
+def _jobs(spec: StudySpec, plans: list[TrialPlan], tracking_uri: str, storage: str, parent_run_id: str) -> list[dict]:
+    r = spec.resources
+    return [
+        dataclasses.asdict(TrialJob(
+            name=p.name, study=spec.name, trial=p.config.model_dump(mode="json"), tracking_uri=tracking_uri,
+            experiment=spec.experiment, storage=_join(storage, spec.name, "train"), workers=r.workers_per_trial,
+            cpus_per_worker=r.cpus_per_worker, gpus_per_worker=r.gpus_per_worker, max_failures=r.max_failures,
+            parent_run_id=parent_run_id, point=p.point,
+        ))
+        for p in plans
+    ]
+
+
+def _write_text(url: str, text: str) -> None:
+    with fsspec.open(url, "w") as f:
+        f.write(text)
+
+
+def _read_text(url: str) -> str:
+    with fsspec.open(url, "r") as f:
+        return f.read()
+
+
+def _trainable():
+    return tune.with_resources(tune_trainable, TRIAL_DRIVER_RESOURCES)
+
+
+def run_study(spec: StudySpec, *, address: str | None = None, tracking_uri: str | None = None,
+              storage: str | None = None, write: Callable[[str], None] = print) -> list[dict[str, Any]]:
+    """Validate, plan, then run every grid point as a Tune trial. Returns one summary row per trial."""
+    plans = plan_study(spec)  # reads manifests: bad data URLs fail here, before Ray starts
+    storage = resolve_storage(storage)
+    study_dir = _join(storage, spec.name)
+    tracking_uri = resolve_tracking_uri(tracking_uri, spec.tracking.uri)
+    resolved = spec.model_copy(update={"tracking": spec.tracking.model_copy(update={"uri": tracking_uri})})
+    spec_yaml = yaml.safe_dump(resolved.model_dump(mode="json"), sort_keys=False)
+    if tune.Tuner.can_restore(_join(study_dir, "tune")):
+        # Running the same study again continues it (finished trials are not rerun); a changed spec under the
+        # same name would mix two designs in one experiment, so that is refused.
+        if load_stored_spec(spec.name, storage) != parse_study(yaml.safe_load(spec_yaml)):
+            raise StudyError(f"study '{spec.name}' already exists at {study_dir} with a different spec: give the "
+                             "study a new name, or another --storage")
+        write(f"study {spec.name} exists at {study_dir}: continuing it (finished trials are kept)")
+        return resume_study(spec.name, address=address, storage=storage, write=write)
+
+    client = mlflow.tracking.MlflowClient(tracking_uri)
+    exp_id = experiment_id(client, spec.experiment)
+    parent = study_run(client, exp_id, spec.name, {"grid_size": len(plans), "grid_keys": ",".join(spec.grid),
+                                                   "storage": study_dir, "description": spec.description})
+    client.log_text(parent, spec_yaml, "study.yaml")
+
+    init_ray(address)
+    concurrency = default_concurrency(spec)
+    _write_text(_join(study_dir, "study.yaml"), spec_yaml)
+    write(f"study {spec.name}: {len(plans)} trials, up to {concurrency} at once; "
+          f"MLflow {tracking_uri} (experiment '{spec.experiment}'); storage {study_dir}")
+    write(f"Ray logs: {ray_logs_dir()}")
+    tuner = tune.Tuner(
+        _trainable(),
+        param_space={"job": tune.grid_search(_jobs(spec, plans, tracking_uri, storage, parent))},
+        tune_config=tune.TuneConfig(
+            max_concurrent_trials=concurrency,
+            trial_name_creator=lambda t: t.config["job"]["name"],
+            trial_dirname_creator=lambda t: t.config["job"]["name"],
+        ),
+        run_config=tune.RunConfig(
+            name="tune",
+            storage_path=study_dir,
+            verbose=0,
+            callbacks=[StudyProgress(len(plans), {p.name: p.config.train.steps for p in plans}, concurrency)],
+            failure_config=tune.FailureConfig(max_failures=spec.resources.max_failures),
+        ),
+    )
+    return _finish(tuner.fit(), client, parent, write)
+
+
+def load_stored_spec(name: str, storage: str | None = None) -> StudySpec:
+    url = _join(resolve_storage(storage), name, "study.yaml")
+    try:
+        raw = yaml.safe_load(_read_text(url))
+    except FileNotFoundError:
+        raise StudyError(f"no study '{name}' at {url}: check the name and --storage") from None
+    return parse_study(raw, source=url)
+
+
+def resume_study(name: str, *, address: str | None = None, storage: str | None = None,
+                 write: Callable[[str], None] = print) -> list[dict[str, Any]]:
+    """Finish an interrupted study: Tune restores its state and reruns only unfinished/errored trials; each of
+    those continues from its last Ray Train checkpoint and its existing MLflow run."""
+    spec = load_stored_spec(name, storage)
+    storage = resolve_storage(storage)
+    tune_dir = _join(storage, name, "tune")
+    if not tune.Tuner.can_restore(tune_dir):
+        raise StudyError(f"study '{name}' has no Tune state at {tune_dir}: start it with `mixer-study run`")
+    client = mlflow.tracking.MlflowClient(spec.tracking.uri)
+    parent = study_run(client, experiment_id(client, spec.experiment), spec.name, {})
+    init_ray(address)
+    write(f"resuming study {name} from {tune_dir}; Ray logs: {ray_logs_dir()}")
+    tuner = tune.Tuner.restore(tune_dir, trainable=_trainable(), resume_unfinished=True, resume_errored=True)
+    return _finish(tuner.fit(), client, parent, write)
+
+
+def _finish(results: tune.ResultGrid, client, parent_run_id: str, write: Callable[[str], None]) -> list[dict]:
+    rows = []
+    for result in results:
+        metrics = result.metrics or {}
+        rows.append({
+            "trial": result.config["job"]["name"] if result.config else "?",
+            "status": "ERROR" if result.error else "DONE",
+            "best/val_acc": metrics.get("best/val_acc"),
+            "fewshot/5shot": metrics.get("fewshot/5shot"),
+        })
+    failed = [r["trial"] for r in rows if r["status"] != "DONE"]
+    end_run(client, parent_run_id, ok=not failed)
+    write(f"{len(rows) - len(failed)}/{len(rows)} trials finished" + (f"; failed: {', '.join(failed)}" if failed else ""))
+    return rows
