@@ -4,8 +4,10 @@ each also logged as an artifact of the study's parent MLflow run."""
 from __future__ import annotations
 
 import logging
+import tempfile
 from pathlib import Path
 
+import fsspec
 import numpy as np
 import pandas as pd
 from mlflow.tracking import MlflowClient
@@ -24,11 +26,31 @@ def _checkpoint_for_fig5(df: pd.DataFrame) -> pd.Series | None:
     return candidates.sort_values(["fraction", "train_flops"], na_position="first").iloc[-1]
 
 
+def model_scale_rows(df: pd.DataFrame) -> pd.DataFrame:
+    """Fig. 3 compares models on fixed data: keep the trials on the largest data fraction, and give each variant
+    the median inference throughput over all its trials (throughput is a property of the model; single
+    measurements on a shared machine are noisy)."""
+    if df.empty or df["fraction"].isna().all():
+        return df
+    rows = df[df["fraction"] == df["fraction"].max()].copy()
+    rows["img_per_s_per_core"] = rows["variant"].map(df.groupby("variant")["img_per_s_per_core"].median())
+    return rows
+
+
 def token_mixing_weights(checkpoint: str, blocks: int = 3) -> tuple[list[np.ndarray], str]:
-    """First token-mixing layer's weights (D_S, S) of the first ``blocks`` blocks of a checkpoint, and the variant."""
+    """First token-mixing layer's weights (D_S, S) of the first ``blocks`` blocks of a checkpoint, and the variant.
+
+    ``checkpoint`` is a local folder or any fsspec URL (s3://...), which is copied to a temporary folder first.
+    """
     from workers.train import load_model_from_checkpoint
 
-    model = load_model_from_checkpoint(checkpoint)
+    if "://" in checkpoint:
+        fs, path = fsspec.core.url_to_fs(checkpoint)
+        with tempfile.TemporaryDirectory() as tmp:
+            fs.get(path.rstrip("/") + "/", tmp, recursive=True)
+            model = load_model_from_checkpoint(tmp)
+    else:
+        model = load_model_from_checkpoint(checkpoint)
     count = min(blocks, len(model.blocks))
     return [model.token_mixing_weights(b).float().numpy() for b in range(count)], model.variant.name
 
@@ -46,15 +68,18 @@ def build_report(tracking_uri: str, study: str, out_dir: str | Path, experiment:
     paths += figures.results_table(finished, out_dir)
     paths += figures.fig2_left(finished, out_dir)
     paths += figures.fig2_right(finished, out_dir)
-    paths += figures.fig3(finished, out_dir)
+    paths += figures.fig3(model_scale_rows(finished), out_dir)
     row = _checkpoint_for_fig5(finished)
-    if row is not None and Path(str(row["checkpoint"])).exists():
-        weights, variant = token_mixing_weights(str(row["checkpoint"]))
-        paths += figures.fig5_token_mixing(
-            weights, out_dir, title=f"Token-mixing weights, first {len(weights)} blocks of {variant} ({row['trial']})"
-        )
+    if row is None:
+        log.warning("Fig. 5 skipped: no best checkpoint among the finished trials")
     else:
-        log.warning("Fig. 5 skipped: no local best checkpoint among the finished trials")
+        try:
+            weights, variant = token_mixing_weights(str(row["checkpoint"]))
+        except (OSError, ValueError) as error:
+            log.warning("Fig. 5 skipped: cannot load checkpoint %s: %s", row["checkpoint"], error)
+        else:
+            title = f"Token-mixing weights, first {len(weights)} blocks of {variant} ({row['trial']})"
+            paths += figures.fig5_token_mixing(weights, out_dir, title=title)
     _log_artifacts(tracking_uri, study, experiment or study, paths)
     return paths
 

@@ -54,9 +54,11 @@ def init_ray(address: str | None) -> None:
     """Connect to ``address`` / $RAY_ADDRESS if given, else start an embedded local Ray. Worker logs stay on disk."""
     if ray.is_initialized():
         return
-    os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
-    ray.init(address=address or None, log_to_driver=False, include_dashboard=False if not (address or os.environ.get("RAY_ADDRESS")) else None,
-             logging_level="WARNING", runtime_env={"env_vars": {"RAY_TRAIN_V2_ENABLED": "1"}})
+    # Tune's own console tables would drown the concise StudyProgress lines; verbose=0 + legacy output = silent.
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    embedded = not (address or os.environ.get("RAY_ADDRESS"))
+    ray.init(address=address or None, log_to_driver=False, include_dashboard=False if embedded else None,
+             logging_level="WARNING")
 
 
 def ray_logs_dir() -> str:

@@ -208,7 +208,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             metrics.update(_compute_metrics(progress, segment_cpu, wall, world_size, cores, device, tr.steps,
                                             tr.batch_size, train_images, flops_per_image))
         if tracker:
-            tracker.log({k: v for k, v in metrics.items() if k != "step"}, step)
+            # train/loss is already on the per-step curve above; "step" is MLflow's x axis.
+            tracker.log({k: v for k, v in metrics.items() if k not in ("step", "train/loss")}, step)
             tracker.flush()
         progress_now = {**progress, "wall_seconds": wall,
                         "cpu_seconds": progress["cpu_seconds"] + time.process_time() - segment_cpu}

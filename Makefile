@@ -1,0 +1,33 @@
+# Two entry points for a fresh machine (see README):
+#   make demo   create .venv, install, write the digits shards, run studies/demo.yaml, draw the figures
+#   make test   create .venv, install with test extras, run the test suite
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+DATA := data/digits-16
+
+.PHONY: setup demo test bench clean
+setup: $(VENV)/.installed
+
+# torch is pinned to the CPU wheel (torch==2.13.0 in pyproject.toml); an unpinned torch pulls a multi-GB CUDA build.
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	touch $@
+
+$(DATA)/train/manifest.json: | setup
+	$(BIN)/mixer-study shards --from digits --image-size 16 --out $(DATA)
+
+demo: setup $(DATA)/train/manifest.json
+	$(BIN)/mixer-study run studies/demo.yaml
+	$(BIN)/mixer-study report demo --out results/demo
+
+test: setup
+	$(BIN)/python -m pytest
+
+bench: setup
+	$(BIN)/mixer-study bench
+
+clean:
+	rm -rf runs results mlflow.db bench-results $(DATA)

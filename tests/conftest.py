@@ -1,0 +1,66 @@
+"""Shared fixtures: real digits shards on disk, a study-file writer, and a CLI runner in a fresh process.
+
+Tests that need Ray run the `mixer-study` CLI in a subprocess: each gets its own embedded local Ray (as a user
+would), and a crash or kill in one test cannot leave a Ray instance behind in the pytest process.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from workers.data import shards_from_digits
+
+CLI = [sys.executable, "-m", "pipeline.cli"]
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def digits16(tmp_path_factory) -> Path:
+    """Digits upscaled to 16 px as WebDataset shards (train/val/test), 25 samples per shard."""
+    out = tmp_path_factory.mktemp("digits16")
+    shards_from_digits(str(out), image_size=16, samples_per_shard=25, seed=0)
+    return out
+
+
+def study_dict(study_name: str, data: Path, **sections) -> dict:
+    """A small, fast study on digits shards; keyword sections (grid=..., train=...) override the defaults."""
+    study = {
+        "name": study_name,
+        "base": {
+            "data": {"train": str(data / "train"), "val": str(data / "val"), "crop_pad": 1},
+            "model": {"variant": "Nano-4"},
+            "optim": {"lr": 0.003, "warmup_steps": 10},
+            "train": {"steps": 60, "batch_size": 32, "eval_every": 20, "checkpoint_every": 20, "log_every": 10},
+            "fewshot": {"train": str(data / "train"), "test": str(data / "test"), "shots": [1, 5], "seeds": 2},
+        },
+        "grid": {},
+        "resources": {"workers_per_trial": 2, "cpus_per_worker": 1},
+    }
+    for section, value in sections.items():
+        if section in study["base"] and isinstance(value, dict):
+            study["base"][section] = {**study["base"][section], **value}
+        else:
+            study[section] = value
+    return study
+
+
+def write_study(path: Path, study: dict) -> Path:
+    path.write_text(yaml.safe_dump(study, sort_keys=False))
+    return path
+
+
+def cli_env(tmp_path: Path, **extra: str) -> dict[str, str]:
+    env = {**os.environ, "PYTHONPATH": str(REPO), **extra}
+    env.pop("RAY_ADDRESS", None)
+    return env
+
+
+def run_cli(args: list[str], env: dict[str, str], timeout: float = 600, cwd: Path | None = None):
+    """Run `mixer-study ARGS` to completion; returns the CompletedProcess (stdout+stderr text)."""
+    return subprocess.run(CLI + args, env=env, cwd=cwd or REPO, capture_output=True, text=True, timeout=timeout)

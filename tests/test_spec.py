@@ -1,0 +1,109 @@
+"""Study files: validation errors name the field before any Ray process starts; plans are exact."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+
+from pipeline.plan import format_plan, plan_study
+from pipeline.spec import StudyError, load_study, parse_study, trial_name
+from tests.conftest import REPO, cli_env, run_cli, study_dict, write_study
+from workers.data import fraction_slices, load_manifest
+
+STUDIES = sorted((REPO / "studies").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", STUDIES, ids=lambda p: p.name)
+def test_shipped_studies_validate(path: Path) -> None:
+    spec = load_study(path)
+    assert spec.name == path.stem
+    assert len(spec.grid_points()) >= 1
+
+
+@pytest.mark.parametrize(
+    "change, expected",
+    [
+        ({"optim": {"weight_decey": 0.1}}, "base.optim.weight_decey: Extra inputs are not permitted"),
+        ({"optim": {"lr": -1}}, "base.optim.lr: Input should be greater than 0 (got -1)"),
+        ({"train": {"checkpoint_every": 30}}, "must be a multiple of eval_every"),
+        ({"train": {"batch_size": 33}}, "train.batch_size: 33 is not divisible by resources.workers_per_trial (2)"),
+        ({"grid": {"model.variant": ["Nano-4", "X-99"]}}, "grid.model.variant[1] -> model.variant"),
+        ({"grid": {"model.variant": ["Nano-4", "X-99"]}}, "Micro-4"),  # the error lists the known variants
+        ({"grid": {"data.fraction": [0.1, 1.5]}}, "grid.data.fraction[1] -> data.fraction: Input should be less than"),
+        ({"grid": {"model.colour": ["red"]}}, "grid.model.colour: not a recipe field"),
+        ({"grid": {"data.fraction": []}}, "empty list"),
+        ({"name": "my study!"}, "name: String should match pattern"),
+        ({"resources": {"workers_per_trial": 0}}, "resources.workers_per_trial: Input should be greater than or equal to 1"),
+        ({"fewshot": {"train": None}}, "give both fewshot.train and fewshot.test"),
+    ],
+)
+def test_bad_fields_name_the_field(tmp_path: Path, change: dict, expected: str) -> None:
+    raw = study_dict("bad", tmp_path, **change)
+    with pytest.raises(StudyError) as error:
+        parse_study(raw, source="bad.yaml")
+    assert expected in str(error.value)
+
+
+def test_cli_rejects_bad_study_before_ray(tmp_path: Path) -> None:
+    path = write_study(tmp_path / "bad.yaml", study_dict("bad", tmp_path, optim={"lr": "fast"}))
+    start = time.monotonic()
+    result = run_cli(["run", str(path), "--storage", str(tmp_path / "runs")], cli_env(tmp_path), timeout=120)
+    assert result.returncode == 2
+    assert "base.optim.lr" in result.stderr and "'fast'" in result.stderr
+    assert "Ray" not in result.stdout + result.stderr  # no cluster was started
+    assert time.monotonic() - start < 60
+    assert not (tmp_path / "runs").exists()
+
+
+def test_cli_names_a_missing_manifest(tmp_path: Path) -> None:
+    path = write_study(tmp_path / "nodata.yaml", study_dict("nodata", tmp_path / "nowhere"))
+    result = run_cli(["plan", str(path)], cli_env(tmp_path), timeout=120)
+    assert result.returncode == 2
+    assert str(tmp_path / "nowhere" / "train") in result.stderr
+
+
+def test_plan_fractions_nested_with_equal_steps(digits16: Path) -> None:
+    raw = study_dict("fractions", digits16, grid={"model.variant": ["Nano-4", "Micro/4"],
+                                                  "data.fraction": [0.03, 0.1, 0.3, 1.0]})
+    spec = parse_study(raw)
+    plans = plan_study(spec)
+    assert [p.name for p in plans][:2] == ["variant=Nano-4,fraction=0.03", "variant=Nano-4,fraction=0.1"]
+    assert plans[4].point == {"model.variant": "Micro-4", "data.fraction": 0.03}  # B/16-style alias resolved
+    assert {p.config.train.steps for p in plans} == {60}
+    manifest = load_manifest(str(digits16 / "train"))
+    sizes = [p.train_images for p in plans[:4]]
+    assert sizes == sorted(sizes) and sizes[-1] == manifest.num_samples
+    for p in plans[:4]:
+        assert p.epochs == pytest.approx(60 * 32 / p.train_images)
+    # Nested: each subset's samples are a prefix of the next one's.
+    subsets = [fraction_slices(manifest, f) for f in (0.03, 0.1, 0.3, 1.0)]
+    for small, large in zip(subsets, subsets[1:]):
+        for i, piece in enumerate(small):
+            assert piece.url == large[i].url and piece.num_samples <= large[i].num_samples
+    assert plans[4].train_flops > plans[0].train_flops  # Micro-4 costs more than Nano-4 per image
+    table = format_plan(spec, plans)
+    assert "variant=Micro-4,fraction=1.0" in table and "total: 480 steps" in table
+
+
+def test_trial_names_are_deterministic() -> None:
+    assert trial_name({"model.variant": "B-16", "data.fraction": 0.1}) == "variant=B-16,fraction=0.1"
+    assert trial_name({"data.fraction": 0.1, "fewshot.fraction": 1}) == "data.fraction=0.1,fewshot.fraction=1"
+    assert trial_name({}) == "base"
+
+
+def test_demo_study_plans_the_paper_design(digits16: Path, tmp_path: Path, monkeypatch) -> None:
+    """studies/demo.yaml (the README's main job) over the same digits shards `make demo` writes."""
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "digits-16").symlink_to(digits16)
+    monkeypatch.chdir(tmp_path)  # the study's relative data paths resolve against the working directory
+    spec = load_study(REPO / "studies" / "demo.yaml")
+    plans = plan_study(spec)
+    assert len(plans) == 8 and len({p.name for p in plans}) == 8
+    assert {p.config.train.steps for p in plans} == {300}  # matched steps across fractions
+    nano = [p for p in plans if p.config.model.variant == "Nano-4"]
+    assert [p.config.data.fraction for p in nano] == [0.03, 0.1, 0.3, 1.0]
+    # Epochs scale inversely with the subset, like the paper's 233/70/23/7.
+    assert [p.train_images for p in nano] == [38, 126, 377, 1258]
+    assert [round(p.epochs, 1) for p in nano] == [505.3, 152.4, 50.9, 15.3]

@@ -1,0 +1,123 @@
+"""A real study end to end: Ray Tune over a 2x2 grid of 2-worker trials on an embedded local Ray, the driver
+killed mid-study, `mixer-study resume`, then `mixer-study report` from the MLflow runs."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from analysis import figures
+from analysis.results import load_study
+from tests.conftest import CLI, REPO, cli_env, run_cli, study_dict, write_study
+
+NAME = "grid"
+GRID = {"model.variant": ["Nano-4", "Micro-4"], "data.fraction": [0.1, 1.0]}
+TRIALS = ["variant=Nano-4,fraction=0.1", "variant=Nano-4,fraction=1.0",
+          "variant=Micro-4,fraction=0.1", "variant=Micro-4,fraction=1.0"]
+
+
+def _finished_trials(uri: str) -> list[str]:
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name(NAME)
+    if exp is None:
+        return []
+    runs = client.search_runs([exp.experiment_id], "tags.`mixer.role` = 'trial' and attributes.status = 'FINISHED'")
+    return [r.data.tags["mixer.trial"] for r in runs]
+
+
+def _checkpointed_unfinished(storage: Path, finished: list[str]) -> str | None:
+    for trial_dir in (storage / NAME / "train").glob("*"):
+        if trial_dir.name not in finished and any(trial_dir.glob("step_*")):
+            return trial_dir.name
+    return None
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory, digits16: Path) -> dict:
+    """Run the study, kill the driver once one trial finished and another has a checkpoint, then resume it."""
+    tmp = tmp_path_factory.mktemp("study")
+    path = write_study(tmp / "grid.yaml", study_dict(NAME, digits16, grid=GRID))
+    uri, storage = f"sqlite:///{tmp / 'mlflow.db'}", tmp / "runs"
+    env = cli_env(tmp)
+    log = open(tmp / "run.log", "w")
+    driver = subprocess.Popen(CLI + ["run", str(path), "--tracking-uri", uri, "--storage", str(storage)],
+                              env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    killed_trial, deadline = None, time.monotonic() + 900
+    while time.monotonic() < deadline and driver.poll() is None:
+        finished = _finished_trials(uri)
+        killed_trial = _checkpointed_unfinished(storage, finished) if finished else None
+        if killed_trial:
+            break
+        time.sleep(1)
+    assert killed_trial, f"no trial checkpointed in time; driver exit {driver.poll()}: {(tmp / 'run.log').read_text()[-3000:]}"
+    os.killpg(driver.pid, signal.SIGKILL)  # the driver and the embedded Ray it started
+    driver.wait()
+    finished_before = _finished_trials(uri)
+    time.sleep(3)
+
+    resumed = run_cli(["resume", NAME, "--storage", str(storage)], env, timeout=1200)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    return {"uri": uri, "storage": storage, "killed": killed_trial, "finished_before": finished_before,
+            "resume_log": resumed.stdout, "tmp": tmp}
+
+
+def test_one_finished_run_per_grid_point(study: dict) -> None:
+    client = MlflowClient(study["uri"])
+    exp = client.get_experiment_by_name(NAME)
+    trials = client.search_runs([exp.experiment_id], "tags.`mixer.role` = 'trial'")
+    assert sorted(r.data.tags["mixer.trial"] for r in trials) == sorted(TRIALS)  # no duplicates after resume
+    assert {r.info.status for r in trials} == {"FINISHED"}
+    (parent,) = client.search_runs([exp.experiment_id], "tags.`mixer.role` = 'study'")
+    assert parent.info.status == "FINISHED" and parent.data.params["grid_size"] == "4"
+    assert {r.data.tags["mlflow.parentRunId"] for r in trials} == {parent.info.run_id}
+    for run in trials:
+        m = run.data.metrics
+        for key in ("compute/train_flops", "compute/core_seconds", "compute/cpu_seconds", "compute/epochs",
+                    "compute/images_seen", "perf/img_per_s_per_core", "best/val_acc", "fewshot/5shot"):
+            assert key in m and m[key] > 0, (run.data.tags["mixer.trial"], key)
+        assert m["compute/images_seen"] == 60 * 32  # matched steps across fractions
+    epochs = {r.data.tags["mixer.trial"]: r.data.metrics["compute/epochs"] for r in trials}
+    assert epochs["variant=Nano-4,fraction=0.1"] > 5 * epochs["variant=Nano-4,fraction=1.0"]
+
+
+def test_resume_finishes_only_the_rest_from_checkpoints(study: dict) -> None:
+    log = study["resume_log"]
+    for trial in study["finished_before"]:
+        assert f"start  {trial}" not in log  # finished trials are not rerun
+    client = MlflowClient(study["uri"])
+    exp = client.get_experiment_by_name(NAME)
+    (run,) = client.search_runs([exp.experiment_id], f"tags.`mixer.trial` = '{study['killed']}'")
+    steps = [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")]
+    # The killed trial had a checkpoint at step >= 20, so its resumed segment never re-logged step 10.
+    assert steps.count(10) == 1 and max(steps) == 60
+
+
+def test_report_writes_every_figure(study: dict) -> None:
+    out = study["tmp"] / "report"
+    result = run_cli(["report", NAME, "--tracking-uri", study["uri"], "--out", str(out)], cli_env(study["tmp"]),
+                     timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    for stem in ("fig2_left_fewshot_5shot_vs_train_flops", "fig2_right_fewshot_5shot", "fig3_fewshot_5shot",
+                 "fig5_token_mixing"):
+        for suffix in (".png", ".pdf"):
+            assert (out / (stem + suffix)).stat().st_size > 1000, stem + suffix
+    for name in ("table3.md", "table3.csv", "results.csv", "results.parquet"):
+        assert (out / name).stat().st_size > 0
+    df = load_study(study["uri"], NAME)
+    assert len(df) == 4 and df["fewshot_5shot"].notna().all()
+    # Fig. 2 right: one line per variant, one point per fraction.
+    fig = figures._build_fig2_right(df, "fewshot_5shot")
+    lines = [line for line in fig.axes[0].get_lines() if len(line.get_xdata()) > 0]
+    assert sorted(len(line.get_xdata()) for line in lines) == [2, 2]
+    # The figures are also artifacts of the study's parent run.
+    client = MlflowClient(study["uri"])
+    exp = client.get_experiment_by_name(NAME)
+    (parent,) = client.search_runs([exp.experiment_id], "tags.`mixer.role` = 'study'")
+    logged = {a.path for a in client.list_artifacts(parent.info.run_id, "report")}
+    assert "report/fig2_right_fewshot_5shot.png" in logged and "report/table3.md" in logged
