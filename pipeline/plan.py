@@ -59,6 +59,13 @@ def plan_study(spec: StudySpec) -> list[TrialPlan]:
         except ValueError as error:
             raise StudyError(f"model.variant {variant.name} does not fit data.train ({manifest.url}): {error}") from None
         n_train = subset_size(manifest, config.data.fraction)
+        slots = spec.resources.workers_per_trial * max(1, config.data.loader_workers)
+        if n_train < slots:
+            raise StudyError(
+                f"trial {trial_name(point)}: data.fraction {config.data.fraction} selects {n_train} training "
+                f"sample(s), fewer than the {slots} readers (workers_per_trial x data.loader_workers): every reader "
+                "needs at least one sample; raise data.fraction or lower the workers"
+            )
         images_seen = config.train.steps * config.train.batch_size
         plans.append(
             TrialPlan(

@@ -107,3 +107,9 @@ def test_demo_study_plans_the_paper_design(digits16: Path, tmp_path: Path, monke
     # Epochs scale inversely with the subset, like the paper's 233/70/23/7.
     assert [p.train_images for p in nano] == [38, 126, 377, 1258]
     assert [round(p.epochs, 1) for p in nano] == [505.3, 152.4, 50.9, 15.3]
+
+
+def test_plan_rejects_a_subset_smaller_than_the_readers(digits16: Path) -> None:
+    spec = parse_study(study_dict("tiny", digits16, grid={"data.fraction": [0.5, 0.0001]}))
+    with pytest.raises(StudyError, match=r"fraction=0.0001: data.fraction 0.0001 selects 1 training sample"):
+        plan_study(spec)
