@@ -107,23 +107,19 @@ def _parse_overrides(pairs: list[str]) -> dict[str, Any]:
 def _train(args: argparse.Namespace) -> None:
     import dataclasses
 
-    from pydantic import ValidationError
-
-    from pipeline.spec import StudyError, load_study, recipe_fields, trial_name
+    from pipeline.plan import plan_study
+    from pipeline.spec import load_study, parse_study
     from pipeline.tracking import resolve_tracking_uri
     from pipeline.trial import TrialJob, run_trial
     from pipeline.tune import init_ray, ray_logs_dir, resolve_storage
 
-    spec = load_study(args.config)
-    overrides = _parse_overrides(args.set)
-    unknown = [k for k in overrides if k not in recipe_fields()]
-    if unknown:
-        raise StudyError(f"--set {unknown}: not recipe fields; allowed: {', '.join(recipe_fields())}")
-    try:
-        config = spec.trial_config(overrides)
-    except ValidationError as error:
-        raise StudyError(f"--set {overrides}: {error}") from None
-    name = args.name or "train-" + trial_name(overrides)
+    # One trial = the study with a one-point grid of the --set overrides: same validation, same plan checks.
+    raw = load_study(args.config).model_dump(mode="json")
+    raw["grid"] = {key: [value] for key, value in _parse_overrides(args.set).items()}
+    spec = parse_study(raw, source=f"{args.config} with --set {' '.join(args.set)}".strip())
+    (plan,) = plan_study(spec)
+    config, overrides = plan.config, plan.point
+    name = args.name or "train-" + plan.name
     tracking_uri = resolve_tracking_uri(args.tracking_uri, spec.tracking.uri)
     r = spec.resources
     job = TrialJob(name=name, study=spec.name, trial=config.model_dump(mode="json"), tracking_uri=tracking_uri,

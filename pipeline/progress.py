@@ -31,6 +31,7 @@ class StudyProgress(Callback):
         self.first_result: dict[str, tuple[float, int]] = {}  # (time, step): rate excludes start-up
         self.durations: list[float] = []
         self.done = 0
+        self.counted_finished = False
 
     def __getstate__(self) -> dict:
         # Tune pickles callbacks with its experiment state; the writer may be a closure.
@@ -50,6 +51,12 @@ class StudyProgress(Callback):
             return ""
         remaining = (self.total - self.done) * (sum(self.durations) / len(self.durations)) / self.concurrency
         return f", study ETA ~{_duration(remaining)}"
+
+    def on_step_begin(self, iteration, trials, **info) -> None:
+        # A resumed study starts with some trials already finished: count them once, at the first step.
+        if not self.counted_finished:
+            self.done = sum(t.status == "TERMINATED" for t in trials)
+            self.counted_finished = True
 
     def on_trial_start(self, iteration, trials, trial, **info) -> None:
         self.started[trial.trial_id] = time.time()

@@ -7,6 +7,7 @@ would), and a crash or kill in one test cannot leave a Ray instance behind in th
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -64,3 +65,10 @@ def cli_env(tmp_path: Path, **extra: str) -> dict[str, str]:
 def run_cli(args: list[str], env: dict[str, str], timeout: float = 600, cwd: Path | None = None):
     """Run `mixer-study ARGS` to completion; returns the CompletedProcess (stdout+stderr text)."""
     return subprocess.run(CLI + args, env=env, cwd=cwd or REPO, capture_output=True, text=True, timeout=timeout)
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

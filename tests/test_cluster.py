@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -14,22 +13,21 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from tests.conftest import REPO, study_dict, write_study
+from tests.conftest import REPO, free_port, study_dict, write_study
 
 RAY = str(Path(sys.executable).with_name("ray"))
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture
 def cluster(tmp_path: Path):
     """A 2-CPU head node on 127.0.0.1 with its dashboard (job server); stopped afterwards."""
-    port, dashboard = _free_port(), _free_port()
-    env = {**os.environ, "RAY_AUTH_MODE": "token", "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    port, dashboard = free_port(), free_port()
+    # A fresh HOME: no ~/.ray/auth_token yet, as on a new machine; `ray start` creates it, the client reads it.
+    home = tmp_path / "home"
+    home.mkdir()
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "HOME": str(home),
+           "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
     env.pop("RAY_ADDRESS", None)
     temp_dir = Path("/tmp") / f"ray-{dashboard}"  # Ray's socket paths must stay short
     start = subprocess.run(
@@ -39,6 +37,7 @@ def cluster(tmp_path: Path):
         env=env, capture_output=True, text=True, timeout=180,
     )
     assert start.returncode == 0, start.stdout + start.stderr
+    assert (home / ".ray" / "auth_token").is_file()
     try:
         yield {"address": f"http://127.0.0.1:{dashboard}", "env": env}
     finally:

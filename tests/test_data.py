@@ -6,7 +6,6 @@ import hashlib
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -19,6 +18,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from tests.conftest import free_port
 from workers import data
 from workers.data import (
     ShardDataset,
@@ -285,17 +285,12 @@ def test_bad_input(tmp_path, digits):
 # s3:// against a local moto server
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 @pytest.fixture(scope="module")
 def s3_endpoint():
     pytest.importorskip("moto.server")
     s3fs = pytest.importorskip("s3fs")
-    port = _free_port()
+    port = free_port()
     endpoint = f"http://127.0.0.1:{port}"
     server = subprocess.Popen(
         [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],

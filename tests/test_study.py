@@ -90,6 +90,9 @@ def test_resume_finishes_only_the_rest_from_checkpoints(study: dict) -> None:
     log = study["resume_log"]
     for trial in study["finished_before"]:
         assert f"start  {trial}" not in log  # finished trials are not rerun
+    # Progress lines count the trials finished before the kill.
+    assert f" {len(study['finished_before'])}/4 done] start" in log
+    assert "4/4 trials finished" in log
     client = MlflowClient(study["uri"])
     exp = client.get_experiment_by_name(NAME)
     (run,) = client.search_runs([exp.experiment_id], f"tags.`mixer.trial` = '{study['killed']}'")
@@ -121,3 +124,15 @@ def test_report_writes_every_figure(study: dict) -> None:
     (parent,) = client.search_runs([exp.experiment_id], "tags.`mixer.role` = 'study'")
     logged = {a.path for a in client.list_artifacts(parent.info.run_id, "report")}
     assert "report/fig2_right_fewshot_5shot.png" in logged and "report/table3.md" in logged
+
+
+def test_running_a_finished_study_again_reruns_nothing(study: dict) -> None:
+    path = study["tmp"] / "grid.yaml"
+    again = run_cli(["run", str(path), "--tracking-uri", study["uri"], "--storage", str(study["storage"])],
+                    cli_env(study["tmp"]), timeout=600)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert "continuing it" in again.stdout and "start  " not in again.stdout
+    assert "4/4 trials finished" in again.stdout
+    client = MlflowClient(study["uri"])
+    exp = client.get_experiment_by_name(NAME)
+    assert len(client.search_runs([exp.experiment_id], "tags.`mixer.role` = 'trial'")) == 4
