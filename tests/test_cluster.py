@@ -23,13 +23,17 @@ RAY = str(Path(sys.executable).with_name("ray"))
 def cluster(tmp_path: Path):
     """A 2-CPU head node on 127.0.0.1 with its dashboard (job server); stopped afterwards."""
     port, dashboard = free_port(), free_port()
-    # A fresh HOME: no ~/.ray/auth_token yet, as on a new machine; `ray start` creates it, the client reads it.
+    # A fresh HOME, as on a new machine: `ray start --head` refuses to start with token auth and no token, so
+    # the token is generated first (as the README tells users); `ray job submit` then reads ~/.ray/auth_token.
     home = tmp_path / "home"
     home.mkdir()
     env = {**os.environ, "RAY_AUTH_MODE": "token", "HOME": str(home),
            "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
     env.pop("RAY_ADDRESS", None)
     temp_dir = Path("/tmp") / f"ray-{dashboard}"  # Ray's socket paths must stay short
+    generate = subprocess.run([RAY, "get-auth-token", "--generate"], env=env, capture_output=True, text=True,
+                              timeout=120)
+    assert generate.returncode == 0 and (home / ".ray" / "auth_token").is_file(), generate.stderr
     start = subprocess.run(
         [RAY, "start", "--head", "--num-cpus", "2", "--port", str(port), "--node-ip-address", "127.0.0.1",
          "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard), "--include-dashboard", "true",
@@ -37,7 +41,6 @@ def cluster(tmp_path: Path):
         env=env, capture_output=True, text=True, timeout=180,
     )
     assert start.returncode == 0, start.stdout + start.stderr
-    assert (home / ".ray" / "auth_token").is_file()
     try:
         yield {"address": f"http://127.0.0.1:{dashboard}", "env": env}
     finally:
