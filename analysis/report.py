@@ -14,6 +14,7 @@ from mlflow.tracking import MlflowClient
 
 from analysis import figures
 from analysis.results import export, load_study
+from workers.track import ROLE_TAG, STUDY_TAG, tag_filter
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +88,7 @@ def build_report(tracking_uri: str, study: str, out_dir: str | Path, experiment:
 def _log_artifacts(tracking_uri: str, study: str, experiment: str, paths: list[Path]) -> None:
     client = MlflowClient(tracking_uri)
     exp = client.get_experiment_by_name(experiment)
-    runs = client.search_runs([exp.experiment_id], f"tags.`mixer.study` = '{study}' and tags.`mixer.role` = 'study'",
+    runs = client.search_runs([exp.experiment_id], tag_filter({STUDY_TAG: study, ROLE_TAG: "study"}),
                               max_results=1)
     if not runs:
         log.warning("no parent run for study %s: figures not logged to MLflow", study)

@@ -14,6 +14,7 @@ from mlflow.tracking import MlflowClient
 
 from analysis.figures import family_of
 from workers.model import get_variant
+from workers.track import ROLE_TAG, STUDY_TAG, TRIAL_TAG, tag_filter
 
 # MLflow metric -> results column.
 METRICS = {
@@ -57,7 +58,7 @@ def load_study(tracking_uri: str, study: str, experiment: str | None = None) -> 
         raise LookupError(f"no MLflow experiment '{name}' at {tracking_uri} (experiments there: {known})")
     runs = client.search_runs(
         [exp.experiment_id],
-        filter_string=f"tags.`mixer.study` = '{study}' and tags.`mixer.role` = 'trial'",
+        filter_string=tag_filter({STUDY_TAG: study, ROLE_TAG: "trial"}),
         max_results=10_000,
     )
     rows = [_row(study, run) for run in runs]
@@ -73,7 +74,7 @@ def load_study(tracking_uri: str, study: str, experiment: str | None = None) -> 
 
 def _row(study: str, run) -> dict:
     metrics, params, tags = run.data.metrics, run.data.params, run.data.tags
-    row: dict = {"study": study, "trial": tags.get("mixer.trial", run.info.run_name), "status": run.info.status,
+    row: dict = {"study": study, "trial": tags.get(TRIAL_TAG, run.info.run_name), "status": run.info.status,
                  "run_id": run.info.run_id, "checkpoint": tags.get("checkpoint.best")}
     for param, (column, kind) in PARAMS.items():
         row[column] = kind(params[param]) if param in params else np.nan

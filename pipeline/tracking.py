@@ -15,7 +15,8 @@ from mlflow.entities import Param, RunStatus
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 
-STUDY_TAG, TRIAL_TAG, ROLE_TAG = "mixer.study", "mixer.trial", "mixer.role"
+from workers.track import ROLE_TAG, STUDY_TAG, TRIAL_TAG, tag_filter
+
 
 
 def resolve_tracking_uri(cli_uri: str | None = None, spec_uri: str | None = None) -> str:
@@ -30,8 +31,7 @@ def experiment_id(client: MlflowClient, name: str) -> str:
 
 
 def _find_run(client: MlflowClient, exp_id: str, tags: dict[str, str]):
-    query = " and ".join(f"tags.`{k}` = '{v}'" for k, v in tags.items())
-    runs = client.search_runs([exp_id], filter_string=query, order_by=["attributes.start_time ASC"], max_results=2)
+    runs = client.search_runs([exp_id], filter_string=tag_filter(tags), order_by=["attributes.start_time ASC"], max_results=2)
     return runs[0] if runs else None
 
 

@@ -11,6 +11,14 @@ import time
 from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
 
+# Tags that identify a study's runs: written by pipeline.tracking, queried there and by analysis.
+STUDY_TAG, TRIAL_TAG, ROLE_TAG = "mixer.study", "mixer.trial", "mixer.role"
+
+
+def tag_filter(tags: dict[str, str]) -> str:
+    """An MLflow ``search_runs`` filter matching runs that carry all ``tags``."""
+    return " and ".join(f"tags.`{key}` = '{value}'" for key, value in tags.items())
+
 
 class RunLogger:
     """Buffers metrics and writes them to one existing MLflow run with ``log_batch`` (one round trip per flush)."""
