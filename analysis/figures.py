@@ -21,15 +21,20 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
 from analysis.pareto import pareto_front
+from workers.model import SIZES, MixerVariant, get_variant
 
 logger = logging.getLogger(__name__)
 
-# Size families from small to large; each gets a fixed tab10 colour so that a
-# family looks the same in every figure whatever subset of the data is shown.
-FAMILY_ORDER = ("Micro", "Ti", "S", "B", "L", "H")
 _TAB10 = [f"C{i}" for i in range(10)]
-# Marker per patch size: same family, different patch -> same colour, other marker.
-_PATCH_MARKERS = {32: "o", 16: "s", 14: "^", 8: "D", 4: "v"}
+# Colour per Mixer size, small to large (the order of workers.model.SIZES), fixed so that a size looks the
+# same in every figure whatever subset of the data is shown; names that do not parse get a spare colour.
+_SIZE_COLOURS = dict(zip(SIZES, _TAB10))
+_SPARE_COLOURS = _TAB10[len(_SIZE_COLOURS):] or _TAB10
+# Marker per patch size: same size, different patch -> same colour, other marker.
+_PATCH_MARKERS = {32: "o", 16: "s", 14: "^", 8: "D", 4: "v", 2: "<"}
+# Line style per model family in Fig. 3 (one line per family, as the paper's Fig. 3).
+_FAMILY_LINESTYLES = {"Mixer": "-"}
+_SPARE_LINESTYLES = ("--", ":", "-.")
 _ACC = re.compile(r"fewshot_(\d+)shot|best_val_acc|final_val_acc")
 _LABELS = {
     "train_flops": "total pre-training compute (FLOPs)",
@@ -42,35 +47,51 @@ _LABELS = {
 }
 
 
-def _split_variant(variant: str) -> tuple[str, int | None]:
-    """'B-16' / 'B/16' -> ('B', 16); a name without a patch size -> (name, None)."""
-    m = re.fullmatch(r"(.+?)[-/](\d+)", str(variant))
-    return (m.group(1), int(m.group(2))) if m else (str(variant), None)
+def _parse(variant: object) -> MixerVariant | None:
+    """The variant named by ``variant`` (workers.model's one parser), or None if it names none."""
+    try:
+        return get_variant(variant) if isinstance(variant, str) else None
+    except ValueError:
+        return None
+
+
+def size_of(variant: str) -> str:
+    """Size of a variant: 'B-16' -> 'B', 'Micro-4' -> 'Micro'; a name that does not parse is its own size."""
+    v = _parse(variant)
+    return v.size if v else str(variant)
 
 
 def family_of(variant: str) -> str:
-    """Size family of a variant: 'B-16' -> 'B', 'Micro-4' -> 'Micro'."""
-    return _split_variant(variant)[0]
+    """Model family of a variant: 'B-16' -> 'Mixer'; a name that does not parse is its own family."""
+    v = _parse(variant)
+    return v.family if v else str(variant)
 
 
-def _family_colour(family: str) -> str:
-    if family in FAMILY_ORDER:
-        return _TAB10[FAMILY_ORDER.index(family)]
-    # Unknown families: a colour fixed by the name, from those not used above.
-    spare = _TAB10[len(FAMILY_ORDER):]
-    return spare[zlib.crc32(family.encode()) % len(spare)]
+def _spare(name: str, choices: Sequence[str]) -> str:
+    """A choice fixed by the name (not by the data shown), for names outside the known ones."""
+    return choices[zlib.crc32(name.encode()) % len(choices)]
 
 
 def _style(variant: str) -> dict:
-    family, patch = _split_variant(variant)
-    return {"color": _family_colour(family), "marker": _PATCH_MARKERS.get(patch, "P")}
+    """Scatter/line style of a variant: colour per size, marker per patch size."""
+    v = _parse(variant)
+    if v is None:
+        return {"color": _spare(str(variant), _SPARE_COLOURS), "marker": "P"}
+    colour = _SIZE_COLOURS.get(v.size) or _spare(v.size, _SPARE_COLOURS)
+    return {"color": colour, "marker": _PATCH_MARKERS.get(v.patch_size, "P")}
+
+
+def _family_linestyle(family: str) -> str:
+    return _FAMILY_LINESTYLES.get(family) or _spare(family, _SPARE_LINESTYLES)
 
 
 def _variant_key(variant: str) -> tuple:
-    """Sort key: by family size, then by decreasing patch size (increasing cost)."""
-    family, patch = _split_variant(variant)
-    rank = FAMILY_ORDER.index(family) if family in FAMILY_ORDER else len(FAMILY_ORDER)
-    return rank, family, -(patch or 0), str(variant)
+    """Sort key: by family, size rank (small to large), then decreasing patch size (increasing cost);
+    names that do not parse come last, by name."""
+    v = _parse(variant)
+    if v is None:
+        return 1, "", 0, 0, str(variant)
+    return 0, v.family, v.size_rank, -v.patch_size, v.name
 
 
 def _label(col: str) -> str:
@@ -108,9 +129,11 @@ def _groups(data: pd.DataFrame, key: str) -> Iterator[tuple[str, pd.DataFrame]]:
 
 
 def _with_family(data: pd.DataFrame) -> pd.DataFrame:
-    """`family` from the column where given, else derived from `variant`."""
-    derived = data["variant"].map(family_of)
-    family = data["family"].fillna(derived) if "family" in data.columns else derived
+    """`family` (the model family, e.g. "Mixer") parsed from `variant`; for a name that does not parse,
+    the `family` column where given, else the name itself."""
+    parsed = data["variant"].map(lambda name: v.family if (v := _parse(name)) else None)
+    given = data["family"] if "family" in data.columns else pd.Series(None, index=data.index, dtype=object)
+    family = parsed.fillna(given).fillna(data["variant"])
     return data.assign(family=family.astype(str))
 
 
@@ -195,21 +218,28 @@ def _build_fig3(df: pd.DataFrame, quality: str) -> Figure:
         if why:
             _note(ax, why)
             continue
-        for family, rows in _groups(_with_family(data), "family"):
-            rows = rows.sort_values(x, kind="stable")
-            ax.plot(rows[x], _values(rows, quality), "o-", color=_family_colour(family), label=family)
+        data = _with_family(data)
+        # One line per model family through all its rows, as the paper's Fig. 3; each point styled by variant.
+        for family in sorted(data["family"].unique()):
+            rows = data[data["family"] == family].sort_values(x, kind="stable")
+            ax.plot(rows[x], _values(rows, quality), _family_linestyle(family), color="0.35", lw=1, label=family,
+                    zorder=2)
+        for variant, rows in _groups(data, "variant"):
+            ax.scatter(rows[x], _values(rows, quality), label=variant, zorder=3, **_style(variant))
         ax.set_xscale("log")
         ax.set_xlabel(_label(x))
         ax.set_ylabel(_label(quality))
         ax.grid(alpha=0.3)
-        ax.legend(title="family", fontsize="small")
+        ax.legend(fontsize="small")
     return fig
 
 
 def fig3(df: pd.DataFrame, out_dir: str | Path, quality: str = "fewshot_5shot") -> list[Path]:
-    """Accuracy vs pre-training FLOPs (left) and vs throughput img/s/core (right), per family.
+    """Accuracy vs pre-training FLOPs (left) and vs throughput img/s/core (right), per model family.
 
-    Each family's line joins all its rows; pass one study's rows (model scale).
+    Each family's line (all Mixer sizes are family "Mixer") joins all its rows in order of the x axis, and
+    each point is marked as its variant (colour per size, marker per patch); pass one study's rows at fixed
+    data (model scale).
     """
     return _save(_build_fig3(df, quality), out_dir, f"fig3_{quality}")
 

@@ -12,7 +12,6 @@ import numpy as np
 import pandas as pd
 from mlflow.tracking import MlflowClient
 
-from analysis.figures import family_of
 from workers.model import get_variant
 from workers.track import ROLE_TAG, STUDY_TAG, TRIAL_TAG, tag_filter
 
@@ -38,7 +37,8 @@ PARAMS = {
     "train.steps": ("steps", int),
     "train.batch_size": ("batch_size", int),
 }
-COLUMNS = ["study", "trial", "status", "run_id", "variant", "family", "patch_size", "image_size", "fraction",
+# ``family`` is the model family ("Mixer"), ``size`` the size in workers.model.SIZES ("B"), from the variant.
+COLUMNS = ["study", "trial", "status", "run_id", "variant", "family", "size", "patch_size", "image_size", "fraction",
            "train_images", "steps", "batch_size", "epochs", "images_seen", "train_flops", "core_seconds",
            "cpu_seconds", "wall_seconds", "img_per_s_per_core", "train_img_per_s_per_core", "best_val_acc",
            "final_val_acc", "checkpoint"]
@@ -84,8 +84,13 @@ def _row(study: str, run) -> dict:
         if key.startswith("fewshot/") and key.endswith("shot"):
             row["fewshot_" + key.split("/", 1)[1]] = value
     if isinstance(row["variant"], str):
-        variant = get_variant(row["variant"])
-        row["family"], row["patch_size"] = family_of(variant.name), variant.patch_size
+        try:
+            variant = get_variant(row["variant"])
+        except ValueError:  # a name no parser knows (older run?): keep the row, without family/size/patch
+            pass
+        else:
+            row["variant"] = variant.name  # canonical: "B/16" and "B-16" are one group in the figures
+            row["family"], row["size"], row["patch_size"] = variant.family, variant.size, variant.patch_size
     return row
 
 

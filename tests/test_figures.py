@@ -3,7 +3,7 @@ import pandas as pd
 import pytest
 
 from analysis import figures
-from analysis.figures import family_of
+from analysis.figures import family_of, size_of
 from analysis.pareto import pareto_front
 
 VARIANTS = {"Micro-4": (1e15, 9000.0), "B-32": (1e17, 4200.0), "L-32": (4e17, 1300.0), "L-16": (1.5e18, 420.0)}
@@ -23,6 +23,7 @@ def df():
                     "status": "FINISHED",
                     "variant": variant,
                     "family": family_of(variant),
+                    "size": size_of(variant),
                     "patch_size": int(variant.split("-")[1]),
                     "image_size": 224,
                     "fraction": fraction,
@@ -60,11 +61,50 @@ def _assert_files(paths, *suffixes):
         assert p.exists() and p.stat().st_size > 0
 
 
-def test_family_of():
-    assert family_of("B-16") == "B"
-    assert family_of("Micro-4") == "Micro"
-    assert family_of("L/32") == "L"
-    assert family_of("custom") == "custom"
+def test_size_and_family_of():
+    assert size_of("B-16") == "B"
+    assert size_of("Micro-4") == "Micro"
+    assert size_of("L/32") == "L"
+    assert size_of("S/8") == "S"
+    assert family_of("B-16") == family_of("Nano-4") == "Mixer"
+    assert size_of("custom") == family_of("custom") == "custom"
+
+
+def _legend_labels(ax):
+    return [t.get_text() for t in ax.get_legend().get_texts()]
+
+
+def _size_order_df(df):
+    """The fixture's rows relabelled as the four smallest-to-largest variants, listed in a scrambled order."""
+    names = {"Micro-4": "S-32", "B-32": "Mini-4", "L-32": "Nano-4", "L-16": "Micro-4"}
+    return df.assign(variant=df["variant"].map(names), family=np.nan, size=np.nan)
+
+
+def test_legends_ordered_by_size_then_decreasing_patch(df):
+    data = _size_order_df(df)
+    order = ["Nano-4", "Micro-4", "Mini-4", "S-32"]
+    (ax,) = figures._build_fig2_right(data, "fewshot_5shot").axes
+    assert _legend_labels(ax) == order
+    (ax,) = figures._build_fig2_left(data, "fewshot_5shot", "train_flops").axes
+    assert _legend_labels(ax) == order + ["Pareto frontier"]
+    for ax in figures._build_fig3(data, "fewshot_5shot").axes[:2]:
+        assert _legend_labels(ax) == ["Mixer"] + order  # the family line, then its variants' points
+    # Same size -> same colour; larger patch first; custom sizes from the table parse too.
+    names = {"Micro-4": "B-16", "B-32": "S/8", "L-32": "B-32", "L-16": "Micro-2"}
+    patches = df.assign(variant=df["variant"].map(names))
+    (ax,) = figures._build_fig2_right(patches, "fewshot_5shot").axes
+    assert _legend_labels(ax) == ["Micro-2", "S/8", "B-32", "B-16"]
+    colours = {line.get_label(): line.get_color() for line in ax.lines}
+    markers = {line.get_label(): line.get_marker() for line in ax.lines}
+    assert colours["B-32"] == colours["B-16"] != colours["S/8"]
+    assert markers["B-32"] != markers["B-16"]
+
+
+def test_results_table_ordered_by_size(df, tmp_path):
+    data = _size_order_df(df).sample(frac=1.0, random_state=1)
+    _, csv = figures.results_table(data, tmp_path)
+    order = ["Nano-4", "Micro-4", "Mini-4", "S-32"]
+    assert pd.read_csv(csv)["variant"].tolist() == [v for v in order for _ in FRACTIONS]
 
 
 def test_every_function_writes_png_and_pdf(df, tmp_path):
@@ -107,17 +147,31 @@ def test_fig2_right_one_sorted_line_per_variant(df):
     assert ax.get_xscale() == "log"
 
 
-def test_fig3_lines_per_family(df):
+def test_fig3_one_line_per_family_points_per_variant(df):
     fig = figures._build_fig3(df, "fewshot_5shot")
     left, right = fig.axes[:2]
-    families = {family_of(v) for v in VARIANTS}
-    for ax in (left, right):
-        assert len(ax.lines) == len(families)
-        assert sum(len(line.get_xdata()) for line in ax.lines) == df["fewshot_5shot"].notna().sum()
+    n = df["fewshot_5shot"].notna().sum()
+    for ax, x in ((left, "train_flops"), (right, "img_per_s_per_core")):
+        (line,) = ax.lines  # all variants are family "Mixer": one line through all rows, in x order
+        assert line.get_label() == "Mixer" and len(line.get_xdata()) == n
+        assert np.all(np.diff(np.asarray(line.get_xdata())) >= 0)
+        assert len(ax.collections) == len(VARIANTS) and _points(ax.collections) == n
         assert ax.get_xscale() == "log"
     assert "FLOPs" in left.get_xlabel() and "img/s/core" in right.get_xlabel()
-    # The same family has the same colour in every panel.
+    # The same family and variant have the same colours in every panel.
     assert [line.get_color() for line in left.lines] == [line.get_color() for line in right.lines]
+    colours = [tuple(map(tuple, c.get_facecolor())) for c in left.collections]
+    assert colours == [tuple(map(tuple, c.get_facecolor())) for c in right.collections]
+
+
+def test_fig3_family_from_column_for_unparsed_names(df):
+    # Rows of another model family (names the Mixer parser does not know) keep their `family` column.
+    other = df.assign(variant="ViT-" + df["variant"], family="ViT")
+    fig = figures._build_fig3(pd.concat([df, other], ignore_index=True), "fewshot_5shot")
+    left = fig.axes[0]
+    assert sorted(line.get_label() for line in left.lines) == ["Mixer", "ViT"]
+    labels = _legend_labels(left)
+    assert labels[:2] == ["Mixer", "ViT"] and labels[2:2 + len(VARIANTS)] == list(VARIANTS)  # parsed ones first
 
 
 def test_missing_data_gives_explanatory_figure(df, tmp_path):

@@ -3,22 +3,26 @@
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
+from torch.utils.checkpoint import checkpoint
 from torch.utils.flop_counter import FlopCounterMode
 
 from workers.model import (
+    SIZES,
     VARIANTS,
+    MixerBlock,
     MixerVariant,
     MlpMixer,
     build_model,
     drop_path,
     forward_flops,
     get_variant,
-    kernel_and_other_params,
     num_tokens,
     param_count,
+    parse_variant,
     train_flops_per_image,
 )
 
@@ -55,9 +59,54 @@ def test_registry_names_and_paper_shapes():
     for name, v in VARIANTS.items():
         assert v.name == name and "/" not in name
         assert v.description
-    assert get_variant("B-16") == MixerVariant("B-16", 12, 16, 768, 384, 3072, VARIANTS["B-16"].description)
+        assert get_variant(name) is v  # every named variant parses to itself
+        assert name == f"{v.size}-{v.patch_size}" and v.family == "Mixer"
+    b16 = MixerVariant("B-16", 12, 16, 768, 384, 3072, VARIANTS["B-16"].description, size="B")
+    assert get_variant("B-16") == b16
     assert get_variant("H/14") is VARIANTS["H-14"]
     assert (VARIANTS["Nano-4"].num_blocks, VARIANTS["Nano-4"].hidden_dim) == (2, 32)
+
+
+def test_size_table():
+    assert list(SIZES) == ["Nano", "Micro", "Mini", "S", "B", "L", "H"]
+    shapes = {k: (s.num_blocks, s.hidden_dim, s.tokens_mlp_dim, s.channels_mlp_dim) for k, s in SIZES.items()}
+    assert shapes == {  # Table 1 of the paper (S..H) and big_vision's Model() table
+        "Nano": (2, 32, 16, 64),
+        "Micro": (4, 64, 32, 128),
+        "Mini": (6, 128, 64, 256),
+        "S": (8, 512, 256, 2048),
+        "B": (12, 768, 384, 3072),
+        "L": (24, 1024, 512, 4096),
+        "H": (32, 1280, 640, 5120),
+    }
+    ranks = [get_variant(n).size_rank for n in ("Nano-4", "Micro-4", "Mini-4", "S-32", "B-16", "L-16", "H-14")]
+    assert ranks == list(range(7))
+    assert MixerVariant("custom", 1, 1, 1, 1, 1).size_rank == len(SIZES)
+
+
+@pytest.mark.parametrize(
+    "name,canonical,size,patch",
+    [("S/16", "S-16", "S", 16), ("S-16", "S-16", "S", 16), ("L/32", "L-32", "L", 32), ("H/14", "H-14", "H", 14),
+     ("Micro-4", "Micro-4", "Micro", 4), ("Nano-4", "Nano-4", "Nano", 4), ("b/16", "B-16", "B", 16),
+     ("S/8", "S-8", "S", 8), ("Mini/1", "Mini-1", "Mini", 1)],
+)
+def test_parse_variant_round_trips(name, canonical, size, patch):
+    v = parse_variant(name)
+    assert (v.name, v.size, v.patch_size, v.family) == (canonical, size, patch, "Mixer")
+    assert parse_variant(v.name) == v  # the canonical name parses back to the same variant
+    table = SIZES[size]
+    assert (v.num_blocks, v.hidden_dim, v.tokens_mlp_dim, v.channels_mlp_dim) == (
+        table.num_blocks, table.hidden_dim, table.tokens_mlp_dim, table.channels_mlp_dim)
+    assert get_variant is parse_variant
+
+
+def test_custom_variant_from_the_size_table():
+    s8 = get_variant("S/8")
+    assert "S-8" not in VARIANTS and s8.description
+    assert num_tokens(s8, 224) == 784
+    model = build_model("S-8", 32, 10)
+    assert model.variant == s8 and model.num_tokens == 16
+    assert _numel(model) == param_count(s8, 32, 10)
 
 
 def test_get_variant_slash_alias_and_unknown():
@@ -66,6 +115,14 @@ def test_get_variant_slash_alias_and_unknown():
         get_variant("X-99")
     for name in VARIANTS:
         assert name in str(err.value)
+
+
+@pytest.mark.parametrize("name", ["X/16", "B16", "B/0", "B/x", " B/16", "B/16 ", "B_16", "B/16/2", "", "B/-1", "B/1.5"])
+def test_bad_variant_names_list_the_sizes(name):
+    with pytest.raises(ValueError, match=re.escape(repr(name))) as err:
+        parse_variant(name)
+    assert "Nano, Micro, Mini, S, B, L, H" in str(err.value)
+    assert "B/16" in str(err.value)  # an example of the format
 
 
 def test_num_tokens():
@@ -237,21 +294,45 @@ def test_stochastic_depth_train_vs_eval():
     x = torch.randn(8, 3, 16, 16)
     with torch.no_grad():
         model.eval()
-        torch.testing.assert_close(model.forward_features(x), model.forward_features(x), rtol=0, atol=0)
+        expected = model.forward_features(x)
+        torch.testing.assert_close(model.forward_features(x), expected, rtol=0, atol=0)
         model.train()
         a, b = model.forward_features(x), model.forward_features(x)
-    assert not torch.allclose(a, b)
+        assert not torch.allclose(a, b)
+        # Without rescaling, training with no drops is the eval forward pass exactly.
+        model.blocks.apply(lambda m: setattr(m, "stoch_depth", 0.0) if isinstance(m, MixerBlock) else None)
+        torch.testing.assert_close(model.forward_features(x), expected, rtol=0, atol=0)
 
 
-def test_drop_path_per_example_and_rescaled():
+def test_drop_path_per_example_not_rescaled():
     torch.manual_seed(0)
-    x = torch.ones(4000, 3, 5)
-    y = drop_path(x, 0.5, training=True)
-    per_example = y[:, :1, :1]
-    assert torch.all(y == per_example)  # one decision per example, broadcast over the rest
-    assert set(per_example.unique().tolist()) == {0.0, 2.0}  # kept branches scaled by 1/(1-p)
-    assert abs(y.mean().item() - 1.0) < 0.05
-    assert drop_path(x, 0.5, training=False) is x
+    n, rate = 20_000, 0.3
+    x = torch.randn(n, 3, 5)
+    y = drop_path(x, rate, training=True)
+    kept = (y == x).flatten(1).all(dim=1)  # kept branches are exactly unchanged (big_vision: no 1/(1-p))
+    dropped = (y == 0).flatten(1).all(dim=1)  # dropped ones exactly zero, for the whole example
+    assert torch.all(kept ^ dropped)
+    # The empirical drop rate is within 5 standard deviations of a Binomial(n, rate) / n.
+    assert abs(dropped.double().mean().item() - rate) < 5 * math.sqrt(rate * (1 - rate) / n)
+    assert drop_path(x, rate, training=False) is x  # eval: a multiplication by 1.0
+    assert drop_path(x, 0.0, training=True) is x
+    assert torch.all(drop_path(x, 1.0, training=True) == 0)
+    with pytest.raises(ValueError, match="rate"):
+        drop_path(x, 1.5, training=True)
+
+
+def test_block_draws_separate_masks_per_branch(monkeypatch):
+    calls = []
+
+    def recording_drop_path(x, rate, training):
+        calls.append((tuple(x.shape), rate, training))
+        return drop_path(x, rate, training)
+
+    monkeypatch.setattr("workers.model.drop_path", recording_drop_path)
+    model = build_model("Nano-4", 8, 10, stoch_depth=0.2).train()
+    model(torch.randn(3, 3, 8, 8))
+    # Two draws per block (token branch, then channel branch); rates ramp as i / max(N - 1, 1) * stoch_depth.
+    assert calls == [((3, 4, 32), 0.0, True)] * 2 + [((3, 4, 32), 0.2, True)] * 2
 
 
 def test_invalid_regularisation_rates():
@@ -261,19 +342,46 @@ def test_invalid_regularisation_rates():
         build_model("Nano-4", 8, 10, dropout=-0.1)
 
 
-# --- optimiser groups -----------------------------------------------------------------------------
+# --- gradient checkpointing ----------------------------------------------------------------------
 
 
-def test_kernel_and_other_params():
-    model = build_model("Nano-4", 8, 10)
-    kernels, others = kernel_and_other_params(model)
-    assert all(p.ndim >= 2 for p in kernels)
-    assert all(p.ndim < 2 for p in others)
-    assert len(kernels) + len(others) == len(list(model.parameters()))
-    # stem + 4 Linear per block + head.
-    assert len(kernels) == 1 + 4 * 2 + 1
-    mlps = [m for b in model.blocks for m in (b.token_mixing, b.channel_mixing)]
-    expected = [model.stem.weight, model.head.weight] + [fc.weight for m in mlps for fc in (m.fc1, m.fc2)]
-    assert {id(p) for p in kernels} == {id(p) for p in expected}
-    # stem bias + per block (2 LayerNorms x 2 + 4 biases) + final LayerNorm x 2 + head bias.
-    assert len(others) == 1 + 2 * 8 + 2 + 1
+@pytest.mark.parametrize("stoch_depth", [0.0, 0.5])
+def test_grad_checkpointing_matches(stoch_depth, monkeypatch):
+    calls = []
+
+    def counting_checkpoint(function, *args, **kwargs):
+        calls.append(kwargs)
+        return checkpoint(function, *args, **kwargs)
+
+    monkeypatch.setattr("workers.model.checkpoint", counting_checkpoint)
+    torch.manual_seed(0)
+    model = build_model("Nano-4", 16, 10, stoch_depth=stoch_depth, head_bias_init=0.1).double().train()
+    with torch.no_grad():
+        model.head.weight.normal_()  # a zero head would give the blocks zero gradients
+    x = torch.randn(6, 3, 16, 16, dtype=torch.float64)
+
+    def grads() -> tuple[torch.Tensor, list[torch.Tensor]]:
+        model.zero_grad()
+        torch.manual_seed(1)  # the same stochastic-depth masks in both runs
+        logits, out = model(x)
+        (logits.square().mean() + out["pre_logits"].sum()).backward()
+        return logits.detach(), [p.grad.clone() for p in model.parameters()]
+
+    assert not model.grad_checkpointing
+    logits, expected = grads()
+    model.set_grad_checkpointing()
+    assert model.grad_checkpointing
+    logits_ckpt, actual = grads()
+    torch.testing.assert_close(logits_ckpt, logits, rtol=1e-12, atol=1e-12)
+    for a, e in zip(actual, expected):
+        torch.testing.assert_close(a, e, rtol=1e-10, atol=1e-12)
+    assert any(torch.count_nonzero(g) for g in actual[1:-2])  # the blocks do get gradients
+    assert calls == [{"use_reentrant": False}] * len(model.blocks)  # one checkpoint per block
+    with torch.no_grad():
+        model.eval()(x)
+        model.train()(x)
+    assert len(calls) == len(model.blocks)  # not in eval mode, nor without autograd
+    model.set_grad_checkpointing(False)
+    assert not model.grad_checkpointing
+
+

@@ -11,26 +11,31 @@ Imports only torch and the standard library, because this module runs inside Ray
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 __all__ = [
-    "MixerVariant",
+    "SIZES",
     "VARIANTS",
-    "get_variant",
-    "num_tokens",
-    "param_count",
-    "forward_flops",
-    "train_flops_per_image",
-    "lecun_normal_",
-    "drop_path",
-    "MlpBlock",
     "MixerBlock",
+    "MixerSize",
+    "MixerVariant",
+    "MlpBlock",
     "MlpMixer",
     "build_model",
-    "kernel_and_other_params",
+    "drop_path",
+    "forward_flops",
+    "get_variant",
+    "lecun_normal_",
+    "num_tokens",
+    "param_count",
+    "parse_variant",
+    "train_flops_per_image",
 ]
 
 # jax.nn.initializers.variance_scaling(..., "truncated_normal") divides the std by the std of a unit
@@ -40,8 +45,39 @@ _LN_EPS = 1e-6  # Flax LayerNorm default, used by the official Mixer code.
 
 
 @dataclass(frozen=True)
+class MixerSize:
+    """Width and depth of one Mixer size ("B"); a variant adds the patch size P ("B/16")."""
+
+    num_blocks: int
+    hidden_dim: int  # C
+    tokens_mlp_dim: int  # D_S
+    channels_mlp_dim: int  # D_C
+
+
+# Ordered from smallest to largest: the order of figures and tables. Nano, Micro and Mini are not from the
+# paper: they exist for CPU work on 8..32 px inputs. S, B, L and H are the layers/C/D_S/D_C of the paper's
+# Table 1, as big_vision's ``Model(variant=...)`` table.
+SIZES: dict[str, MixerSize] = {
+    "Nano": MixerSize(2, 32, 16, 64),
+    "Micro": MixerSize(4, 64, 32, 128),
+    "Mini": MixerSize(6, 128, 64, 256),
+    "S": MixerSize(8, 512, 256, 2048),
+    "B": MixerSize(12, 768, 384, 3072),
+    "L": MixerSize(24, 1024, 512, 4096),
+    "H": MixerSize(32, 1280, 640, 5120),
+}
+
+
+@dataclass(frozen=True)
 class MixerVariant:
-    """Hyper-parameters of one Mixer size; ``name`` uses a dash ("B-16") as it appears in paths."""
+    """Hyper-parameters of one Mixer size and patch; ``name`` uses a dash ("B-16") as it appears in paths.
+
+    ``size`` is the key in ``SIZES`` ("B"; "" for a hand-built variant outside the table). ``family`` is the
+    model family, the same for every Mixer: figures draw one line per family and order variants by family,
+    ``size_rank`` and decreasing patch size (other families, e.g. ViT or BiT, would bring their own class).
+    """
+
+    family: ClassVar[str] = "Mixer"
 
     name: str
     num_blocks: int
@@ -50,35 +86,81 @@ class MixerVariant:
     tokens_mlp_dim: int  # D_S
     channels_mlp_dim: int  # D_C
     description: str = ""
+    size: str = ""
+
+    @property
+    def size_rank(self) -> int:
+        """Position of ``size`` in ``SIZES``, small to large; ``len(SIZES)`` for a size outside the table."""
+        return list(SIZES).index(self.size) if self.size in SIZES else len(SIZES)
+
+
+def _variant(size: str, patch_size: int, description: str = "") -> MixerVariant:
+    """The variant of ``SIZES[size]`` with ``patch_size`` px patches, named "SIZE-PATCH"."""
+    s = SIZES[size]
+    return MixerVariant(
+        f"{size}-{patch_size}",
+        s.num_blocks,
+        patch_size,
+        s.hidden_dim,
+        s.tokens_mlp_dim,
+        s.channels_mlp_dim,
+        description or f"Mixer-{size}/{patch_size}: size {size} of the table with {patch_size} px patches",
+        size,
+    )
 
 
 def _registry(*variants: MixerVariant) -> dict[str, MixerVariant]:
     return {v.name: v for v in variants}
 
 
-# Ordered from smallest to largest. The small ones are not from the paper: they exist for CPU work
-# on 8..32 px inputs. The paper's sizes use the layers/C/D_S/D_C of its Table 1.
+# The named variants that `mixer-study models` lists, from smallest to largest. Any other size and patch
+# ("S/8") is built by `get_variant` from the same table.
 VARIANTS: dict[str, MixerVariant] = _registry(
-    MixerVariant("Nano-4", 2, 4, 32, 16, 64, "tiny smoke-test model for 8-32 px inputs (S=4..64)"),
-    MixerVariant("Micro-4", 4, 4, 64, 32, 128, "small CPU model for 16-32 px inputs (S=16..64)"),
-    MixerVariant("Micro-2", 4, 2, 64, 32, 128, "Micro-4 with 2 px patches, for 8-16 px inputs (S=16..64)"),
-    MixerVariant("Mini-4", 6, 4, 128, 64, 256, "largest CPU model, for 32 px inputs (S=64)"),
-    MixerVariant("S-32", 8, 32, 512, 256, 2048, "paper Mixer-S/32, 224 px (S=49), 19.1M params"),
-    MixerVariant("S-16", 8, 16, 512, 256, 2048, "paper Mixer-S/16, 224 px (S=196), 18.5M params"),
-    MixerVariant("B-32", 12, 32, 768, 384, 3072, "paper Mixer-B/32, 224 px (S=49), 60.3M params"),
-    MixerVariant("B-16", 12, 16, 768, 384, 3072, "paper Mixer-B/16, 224 px (S=196), 59.9M params"),
-    MixerVariant("L-32", 24, 32, 1024, 512, 4096, "paper Mixer-L/32, 224 px (S=49), 206.9M params"),
-    MixerVariant("L-16", 24, 16, 1024, 512, 4096, "paper Mixer-L/16, 224 px (S=196), 208.2M params"),
-    MixerVariant("H-14", 32, 14, 1280, 640, 5120, "paper Mixer-H/14, 224 px (S=256), 432.4M params"),
+    _variant("Nano", 4, "tiny smoke-test model for 8-32 px inputs (S=4..64)"),
+    _variant("Micro", 4, "small CPU model for 16-32 px inputs (S=16..64)"),
+    _variant("Micro", 2, "Micro-4 with 2 px patches, for 8-16 px inputs (S=16..64)"),
+    _variant("Mini", 4, "largest CPU model, for 32 px inputs (S=64)"),
+    _variant("S", 32, "paper Mixer-S/32, 224 px (S=49), 19.1M params"),
+    _variant("S", 16, "paper Mixer-S/16, 224 px (S=196), 18.5M params"),
+    _variant("B", 32, "paper Mixer-B/32, 224 px (S=49), 60.3M params"),
+    _variant("B", 16, "paper Mixer-B/16, 224 px (S=196), 59.9M params"),
+    _variant("L", 32, "paper Mixer-L/32, 224 px (S=49), 206.9M params"),
+    _variant("L", 16, "paper Mixer-L/16, 224 px (S=196), 208.2M params"),
+    _variant("H", 14, "paper Mixer-H/14, 224 px (S=256), 432.4M params"),
 )
 
+_VARIANT_NAME = re.compile(r"([A-Za-z]+)[/-]([0-9]+)")
+_SIZE_BY_KEY = {size.casefold(): size for size in SIZES}
 
-def get_variant(name: str) -> MixerVariant:
-    """Look up a variant by name; the paper's slash spelling ("B/16") is accepted as an alias."""
-    canonical = name.replace("/", "-")
-    if canonical not in VARIANTS:
-        raise ValueError(f"unknown Mixer variant {name!r}; known variants: {', '.join(VARIANTS)}")
-    return VARIANTS[canonical]
+
+def parse_variant(name: str) -> MixerVariant:
+    """Parse "SIZE/PATCH" or "SIZE-PATCH" ("B/16", "B-16", "S/8") as big_vision's ``Model(variant=...)``.
+
+    SIZE is a key of ``SIZES`` (any letter case: "b/16" is "B-16"), PATCH any integer >= 1. A named variant
+    (in ``VARIANTS``) is returned as registered, with its description; any other pair is built from the size
+    table. Raises ``ValueError`` listing the sizes and examples for anything else (also for whitespace).
+    """
+    m = _VARIANT_NAME.fullmatch(name) if isinstance(name, str) else None
+    size = _SIZE_BY_KEY.get(m.group(1).casefold()) if m else None
+    if size is None:
+        spaces = " without surrounding whitespace" if isinstance(name, str) and name != name.strip() else ""
+        raise ValueError(
+            f"unknown Mixer variant {name!r}: expected SIZE/PATCH or SIZE-PATCH{spaces} with SIZE one of "
+            f"{', '.join(SIZES)} and PATCH an integer >= 1, e.g. B/16, B-16 or S/8; named variants: "
+            f"{', '.join(VARIANTS)}"
+        )
+    patch_size = int(m.group(2))
+    if patch_size < 1:
+        raise ValueError(
+            f"Mixer variant {name!r}: the patch size must be an integer >= 1, got {patch_size} "
+            f"(sizes: {', '.join(SIZES)}; e.g. B/16, B-16 or S/8)"
+        )
+    canonical = f"{size}-{patch_size}"
+    return VARIANTS[canonical] if canonical in VARIANTS else _variant(size, patch_size)
+
+
+# The one parser of variant names: the model, config, plan, bench, results and figures all call it.
+get_variant = parse_variant
 
 
 def _as_variant(variant: MixerVariant | str) -> MixerVariant:
@@ -143,14 +225,16 @@ def lecun_normal_(weight: Tensor) -> Tensor:
 def drop_path(x: Tensor, rate: float, training: bool) -> Tensor:
     """Stochastic depth: zero the whole residual branch of each example with probability ``rate``.
 
-    Kept branches are scaled by 1/(1-rate) (as timm's DropPath) so the expectation is unchanged and
-    eval mode needs no rescaling.
+    As big_vision's ``_stoch_depth_mask``: one Bernoulli draw per example (broadcast over the other axes),
+    and kept branches are NOT rescaled by 1/(1-rate) (timm's DropPath does rescale). Eval mode, or
+    ``rate == 0``, multiplies by 1.0 (returns ``x`` itself), as big_vision's deterministic path.
     """
+    if not 0.0 <= rate <= 1.0:
+        raise ValueError(f"drop_path rate must be in [0, 1], got {rate}")
     if rate == 0.0 or not training:
         return x
-    keep = 1.0 - rate
-    mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)
-    return x * mask / keep
+    keep = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(1.0 - rate)
+    return x * keep
 
 
 class MlpBlock(nn.Module):
@@ -196,6 +280,7 @@ class MlpMixer(nn.Module):
     ``dropout`` applies to pre_logits before the head. ``head_bias_init`` is the constant initial head
     bias (big_vision uses e.g. -6.9 ~ -log(1000) so initial sigmoid outputs are ~1/1000).
     ``num_classes=0`` builds no head: ``forward`` then returns pre_logits as its logits.
+    ``set_grad_checkpointing()`` recomputes each block's activations in the backward pass (training only).
     """
 
     def __init__(
@@ -220,6 +305,7 @@ class MlpMixer(nn.Module):
         self.num_classes = num_classes
         self.in_chans = in_chans
         self.num_tokens = num_tokens(v, image_size)
+        self.grad_checkpointing = False
 
         self.stem = nn.Conv2d(in_chans, v.hidden_dim, kernel_size=v.patch_size, stride=v.patch_size)
         n = v.num_blocks
@@ -229,7 +315,7 @@ class MlpMixer(nn.Module):
                 v.hidden_dim,
                 v.tokens_mlp_dim,
                 v.channels_mlp_dim,
-                stoch_depth * i / (n - 1) if n > 1 else 0.0,
+                stoch_depth * i / max(n - 1, 1),  # big_vision's ramp: 0 at the first block
             )
             for i in range(n)
         )
@@ -253,6 +339,11 @@ class MlpMixer(nn.Module):
             nn.init.zeros_(self.head.weight)
             nn.init.constant_(self.head.bias, head_bias_init)
 
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Checkpoint every block in training mode (timm's API): activations are recomputed in the backward
+        pass instead of stored. The RNG state is replayed, so stochastic-depth masks match the forward pass."""
+        self.grad_checkpointing = enable
+
     def forward_features(self, x: Tensor) -> Tensor:
         """Images (B, in_chans, H, W) -> pre_logits (B, C)."""
         if x.shape[-2:] != (self.image_size, self.image_size):
@@ -261,8 +352,9 @@ class MlpMixer(nn.Module):
                 f"(S={self.num_tokens} tokens), got {tuple(x.shape[-2:])}"
             )
         x = self.stem(x).flatten(2).transpose(1, 2)  # (B, C, H/P, W/P) -> (B, S, C), row-major patches
+        checkpointing = self.grad_checkpointing and self.training and torch.is_grad_enabled()
         for block in self.blocks:
-            x = block(x)
+            x = checkpoint(block, x, use_reentrant=False) if checkpointing else block(x)
         return self.norm(x).mean(dim=1)
 
     def forward(self, x: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
@@ -284,14 +376,3 @@ def build_model(name: str, image_size: int, num_classes: int, **kwargs) -> MlpMi
     """Build ``MlpMixer`` from a variant name ("B-16" or "B/16"); kwargs go to the constructor."""
     return MlpMixer(get_variant(name), image_size, num_classes, **kwargs)
 
-
-def kernel_and_other_params(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
-    """Split parameters into kernels (ndim >= 2: Linear and Conv weights) and the rest.
-
-    Weight decay applies to kernels only (big_vision's decoupled decay), not to biases or LayerNorm.
-    """
-    kernels: list[nn.Parameter] = []
-    others: list[nn.Parameter] = []
-    for p in model.parameters():
-        (kernels if p.ndim >= 2 else others).append(p)
-    return kernels, others
