@@ -6,17 +6,31 @@ study, a retried trial or a driver on another machine all land in the same runs:
 
 from __future__ import annotations
 
+import hashlib
+import json
+import logging
 import os
 import subprocess
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
-from mlflow.entities import Param, RunStatus
+from mlflow.entities import Dataset, DatasetInput, InputTag, Param, Run, RunStatus
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
-from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
+from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT, MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 
 from workers.track import ROLE_TAG, STUDY_TAG, TRIAL_TAG, tag_filter
 
+log = logging.getLogger(__name__)
+
+# MLflow 3's UI opens an experiment without this tag in its GenAI view (traces, token usage); with
+# "custom_model_development" it opens on the runs table, which is what a training study wants. Same key and value
+# that the UI's own experiment-kind selector writes.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
 
 
 def resolve_tracking_uri(cli_uri: str | None = None, spec_uri: str | None = None) -> str:
@@ -26,12 +40,28 @@ def resolve_tracking_uri(cli_uri: str | None = None, spec_uri: str | None = None
 
 
 def experiment_id(client: MlflowClient, name: str) -> str:
+    """The id of experiment ``name``, created if missing, and always tagged as a model-training experiment.
+
+    An existing experiment without the kind tag gets it (stores made before the tag existed are fixed on the next
+    run); one whose kind someone chose in the UI keeps that choice.
+    """
     experiment = client.get_experiment_by_name(name)
-    return experiment.experiment_id if experiment else client.create_experiment(name)
+    if experiment is None:
+        try:
+            return client.create_experiment(name, tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
+        except MlflowException as exc:
+            # Two drivers starting at once (e.g. `mixer-study train` beside a study): the loser uses the winner's.
+            experiment = client.get_experiment_by_name(name)
+            if exc.error_code != "RESOURCE_ALREADY_EXISTS" or experiment is None:
+                raise
+    if EXPERIMENT_KIND_TAG not in experiment.tags:
+        client.set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
+    return experiment.experiment_id
 
 
-def _find_run(client: MlflowClient, exp_id: str, tags: dict[str, str]):
-    runs = client.search_runs([exp_id], filter_string=tag_filter(tags), order_by=["attributes.start_time ASC"], max_results=2)
+def _find_run(client: MlflowClient, exp_id: str, tags: dict[str, str]) -> Run | None:
+    runs = client.search_runs([exp_id], filter_string=tag_filter(tags), order_by=["attributes.start_time ASC"],
+                              max_results=2)
     return runs[0] if runs else None
 
 
@@ -56,9 +86,10 @@ def study_run(client: MlflowClient, exp_id: str, study: str, params: dict[str, A
 
 
 def trial_run(client: MlflowClient, exp_id: str, study: str, parent_run_id: str | None, trial: str,
-              params: dict[str, Any]) -> str:
-    """The trial's child run id: the existing run of this grid point (status set back to RUNNING), else a new one."""
-    tags = {STUDY_TAG: study, TRIAL_TAG: trial, ROLE_TAG: "trial"}
+              params: dict[str, Any], role: str = "trial") -> str:
+    """The trial's run id: the existing run of this (study, name, role) (status set back to RUNNING), else a new
+    one. ``role`` is "trial" for a study's grid point (what analysis.results reads) or "train" for a one-off run."""
+    tags = {STUDY_TAG: study, TRIAL_TAG: trial, ROLE_TAG: role}
     run = _find_run(client, exp_id, tags)
     if run:
         client.update_run(run.info.run_id, status="RUNNING")
@@ -79,3 +110,100 @@ def log_params(client: MlflowClient, run_id: str, params: dict[str, Any]) -> Non
 
 def end_run(client: MlflowClient, run_id: str, ok: bool) -> None:
     client.set_terminated(run_id, RunStatus.to_string(RunStatus.FINISHED if ok else RunStatus.FAILED))
+
+
+@dataclass(frozen=True)
+class DataSplit:
+    """One data split a trial uses, as plain values (no dependency on ``workers.manifest``).
+
+    ``context`` is the split's role in the trial ("train", "val", "fewshot-train", "fewshot-test"); ``url`` the
+    manifest's URL; ``shard_sha256`` the manifest's shard checksums in shard order; ``num_samples`` the samples the
+    trial actually uses (the subset's size for a fraction < 1). ``name`` overrides the dataset name shown in MLflow.
+    """
+
+    context: str
+    url: str
+    shard_sha256: Sequence[str]
+    fraction: float
+    num_samples: int
+    num_classes: int
+    name: str | None = None
+
+
+def redact_url(url: str) -> str:
+    """``url`` without a ``user:password@`` part: dataset sources are stored in the tracking database in clear."""
+    if "://" not in url:
+        return url  # a local path: an '@' in it is part of a folder name, not credentials
+    parts = urlsplit(url)
+    if "@" not in parts.netloc:
+        return url
+    return urlunsplit(parts._replace(netloc=parts.netloc.rsplit("@", 1)[1]))
+
+
+def dataset_digest(shard_sha256: Sequence[str], fraction: float) -> str:
+    """Short digest of a subset: the shard checksums (in order: the subset is a prefix in shard order) + fraction.
+
+    Independent of the URL, so the same subset copied elsewhere, or used by another trial, has the same digest.
+    8 hex digits like MLflow's own dataset digests (its limit is 36).
+    """
+    doc = json.dumps({"shards": list(shard_sha256), "fraction": float(fraction)}, separators=(",", ":"))
+    return hashlib.sha256(doc.encode()).hexdigest()[:8]
+
+
+def _dataset_name(split: DataSplit) -> str:
+    """``<parent folder>/<split folder>`` of the manifest, ``@fraction`` for a subset: ``imagenet21k/train@0.1``.
+
+    Readable in the runs table's Dataset column without opening the run; the digest still tells subsets apart.
+    """
+    if split.name:
+        return split.name
+    url = urlsplit(split.url) if "://" in split.url else None
+    path = f"{url.netloc.rsplit('@', 1)[-1]}/{url.path}" if url else split.url  # s3://bucket/...: bucket counts
+    parts = [p for p in path.split("/") if p]
+    if parts and parts[-1].endswith(".json"):
+        parts = parts[:-1]
+    base = "/".join(parts[-2:]) or split.context
+    return base if float(split.fraction) >= 1.0 else f"{base}@{float(split.fraction):g}"
+
+
+def _source_type(url: str) -> str:
+    """MLflow's dataset source type for ``url``: "local" for paths and file://, else the URL scheme (s3, gs, ...)."""
+    scheme = urlsplit(url).scheme if "://" in url else ""
+    return "local" if scheme in ("", "file") else scheme
+
+
+def log_dataset_inputs(client: MlflowClient, run_id: str, splits: Sequence[DataSplit]) -> None:
+    """Log each split as an MLflow dataset input of ``run_id`` (one per split, tagged with its context).
+
+    Idempotent: a split already logged to the run with the same name, digest and context is skipped, so a resumed or
+    retried trial logs nothing twice, whatever the store (the SQL store dedups by itself, other stores need not).
+
+    MLflow keeps one input per (dataset, run), with one context: two splits of identical data in one run (e.g.
+    few-shot on the upstream training set at fraction 1) would collapse into one input, so the later one gets its
+    context appended to its name.
+    """
+    existing = client.get_run(run_id).inputs.dataset_inputs or []
+    logged: dict[tuple[str, str], str | None] = {}  # (name, digest) -> context
+    for dataset_input in existing:
+        context = next((t.value for t in dataset_input.tags if t.key == MLFLOW_DATASET_CONTEXT), None)
+        logged[(dataset_input.dataset.name, dataset_input.dataset.digest)] = context
+    new: list[DatasetInput] = []
+    for split in splits:
+        digest = dataset_digest(split.shard_sha256, split.fraction)
+        name = _dataset_name(split)
+        if (name, digest) in logged and logged[(name, digest)] != split.context:
+            name = f"{name} ({split.context})"
+        if (name, digest) in logged:
+            if logged[(name, digest)] != split.context:
+                log.warning("run %s already has dataset %s (%s) with context %s, not %s", run_id, name, digest,
+                            logged[(name, digest)], split.context)
+            continue
+        logged[(name, digest)] = split.context
+        url = redact_url(split.url)
+        profile = {"num_samples": int(split.num_samples), "fraction": float(split.fraction),
+                   "num_classes": int(split.num_classes)}
+        dataset = Dataset(name=name, digest=digest, source_type=_source_type(url), source=json.dumps({"uri": url}),
+                          profile=json.dumps(profile))
+        new.append(DatasetInput(dataset, tags=[InputTag(MLFLOW_DATASET_CONTEXT, split.context)]))
+    if new:
+        client.log_inputs(run_id, datasets=new)
