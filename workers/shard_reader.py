@@ -1,0 +1,331 @@
+"""Reading WebDataset shards: a streaming, per-rank partitioned ``IterableDataset`` over shard slices.
+
+Partitioning across ranks and DataLoader workers
+------------------------------------------------
+A :class:`ShardDataset` stream is consumed by ``S = world_size * num_loader_workers`` *slots*; slot
+``rank * num_loader_workers + worker_id`` is one (rank, DataLoader worker) pair. Epoch ``e`` is one pass over the
+subset's ``n`` samples in the epoch's slice order (shuffled with ``Random(f"slices-{seed}-{e}")`` when
+``train=True``, identically on every rank). Slot ``s`` reads the contiguous range of that sequence of length
+
+    n_s(e) = floor(((e + 1) * n + s) / S) - floor((e * n + s) / S)        (:func:`epoch_share`)
+
+after the ranges of slots ``0 .. s-1``. So the partition of epoch ``e`` depends only on (seed, e, slot, S): the
+slots' epoch-``e`` streams are disjoint and cover the subset exactly once, however far apart in time the slots are.
+
+Why balanced ranges and not whole shards per slot: under DDP every rank takes the same number of batches (and a
+rank's DataLoader workers deliver batches in turn), so all slots advance at the same number of samples. Dealing
+whole shards made the slots' epochs differ in length (shards [25, 25, 4] on 2 ranks: 50 or 29 vs 4 or 25), so
+the slots cycled at different rates and any window over-sampled whichever shards sat in the short epochs (counts
+350-380 where 355 is exact). With the rule above the sizes differ by at most one, and the extra samples rotate
+over slots: a slot's cumulative count after epochs ``0 .. e-1`` is ``floor((e * n + s) / S)``, the same for all
+slots up to one sample. So slots that have each produced ``m`` samples never drift apart, and when ``m = K * n / S``
+is whole, every slot has finished exactly epochs ``0 .. K-1``: every sample was seen exactly ``K`` times (from
+any starting epoch; the per-slot shuffle buffer is drained at each epoch's end, so it never mixes epochs).
+
+Cost: a slot reads its range shard by shard; a range that starts inside a shard streams past that shard's first
+samples without decoding them (tar has no index), at most one shard per slot and epoch. With fewer shards than
+slots this reads far less than every slot reading everything. A slot that would receive no samples at all (subset
+smaller than the number of slots) is an error. With ``repeat=True`` the stream is infinite, so every rank can take
+the same fixed number of batches and DDP never waits on a rank that ran out.
+
+Epoch numbers: each ``iter()`` is the next epoch of its process (see :class:`ShardDataset`); ``set_epoch`` writes
+to memory that :func:`make_loader` shares with its persistent workers, so it reaches workers that already run.
+"""
+
+from __future__ import annotations
+
+import io
+import itertools
+import json
+import random
+from collections.abc import Iterable, Iterator
+
+import fsspec
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from webdataset.shardlists import expand_urls
+from webdataset.tariterators import group_by_keys, tar_file_expander
+
+from workers.augment import eval_array, needed_shorter_side, train_view
+from workers.config import AugmentConfig
+from workers.fractions import ShardSlice
+
+
+def decode_pil(data: bytes, shorter_side: int | None = None) -> Image.Image:
+    """Decode PNG/JPEG bytes to an RGB PIL image; a JPEG at least twice ``shorter_side`` is decoded smaller.
+
+    ``Image.draft`` makes libjpeg scale by 1/2, 1/4 or 1/8 inside the IDCT, choosing the largest reduction that
+    still leaves both sides >= the request, so the decoded shorter side stays >= ``shorter_side`` (what the view
+    needs: ``workers.augment.needed_shorter_side``). Skipping IDCT work is the point: a 1024 px q95 JPEG needed at
+    shorter side 256 (the 224 px eval view) decodes at 1/4 scale about 2x faster (entropy decoding remains).
+    Other formats decode at full size.
+    """
+    with Image.open(io.BytesIO(data)) as img:
+        w, h = img.size
+        if shorter_side is not None and img.format == "JPEG" and min(w, h) >= 2 * shorter_side:
+            # integer maths: the request for the shorter side is exactly shorter_side, never a float's 1 px less
+            img.draft("RGB", (w * shorter_side // min(w, h), h * shorter_side // min(w, h)))
+        return img.convert("RGB")  # convert() loads the pixels, so the image outlives the closed byte stream
+
+
+def decode_image(data: bytes, shorter_side: int | None = None) -> np.ndarray:
+    """Decode PNG/JPEG bytes to an HxWx3 uint8 array (see :func:`decode_pil` for ``shorter_side``)."""
+    return np.asarray(decode_pil(data, shorter_side), dtype=np.uint8)
+
+
+
+
+IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "webp")  # sample entries read as the image, first match wins
+LABEL_KEYS = ("cls", "json")
+
+
+def sample_label(sample: dict, label_key: str = "cls") -> int | None:
+    """A WebDataset sample's label, or None if it has no such entry.
+
+    ``label_key="cls"``: the ``.cls`` entry (an integer as text); ``"json"``: the ``"label"`` (else ``"cls"``)
+    integer of the ``.json`` entry (as ImageNet-style corpora store it). Malformed entries raise ValueError.
+    """
+    if label_key not in LABEL_KEYS:
+        raise ValueError(f"label_key must be one of {LABEL_KEYS}, got {label_key!r}")
+    raw = sample.get(label_key)
+    if raw is None:
+        return None
+    try:
+        if label_key == "cls":
+            return int(raw)
+        doc = json.loads(raw)
+        value = next((doc[f] for f in ("label", "cls") if isinstance(doc, dict) and f in doc), None)
+        if value is None:
+            return None
+        if isinstance(value, bool) or float(value) != int(value):
+            raise ValueError(f"not an integer: {value!r}")
+        return int(value)
+    except (ValueError, TypeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"sample {sample.get('__key__')}: unreadable .{label_key} label ({exc})") from None
+
+
+def _read_shard(url: str, limit: int | None = None) -> Iterator[tuple[str, bytes, int]]:
+    """(key, image bytes, label) of the first ``limit`` (default: all) samples of one shard, streamed via fsspec.
+
+    The label is the ``.cls`` entry if the sample has one, else the ``.json`` entry's (see :func:`sample_label`).
+    """
+    if limit is not None and limit <= 0:
+        return
+    count = 0
+    with fsspec.open(url, "rb") as stream:
+        for sample in group_by_keys(tar_file_expander([{"url": url, "stream": stream}])):
+            image = next((sample[ext] for ext in IMAGE_EXTENSIONS if ext in sample), None)
+            label = sample_label(sample, "cls") if "cls" in sample else sample_label(sample, "json")
+            if image is None or label is None:
+                raise ValueError(
+                    f"shard {url}: sample {sample['__key__']} lacks an image ({'/'.join(IMAGE_EXTENSIONS)}) or a"
+                    " label (.cls, or .json with a \"label\" or \"cls\" integer)"
+                )
+            yield sample["__key__"], image, label
+            count += 1
+            if limit is not None and count >= limit:
+                return
+    if limit is not None and count < limit:
+        raise ValueError(f"shard {url} holds {count} samples, fewer than the {limit} the manifest promised")
+
+
+def iter_samples(urls: str | list[str]) -> Iterator[tuple[str, bytes, int]]:
+    """(key, image bytes, label) from shard URLs or a brace pattern ("dir/shard-{000000..000003}.tar").
+
+    A string is expanded webdataset-style (braces; "::" separates several patterns).
+    """
+    for url in expand_urls(urls) if isinstance(urls, str) else list(urls):
+        yield from _read_shard(url)
+
+
+def _slot() -> tuple[int, int]:
+    """(DataLoader worker id, number of workers) of the calling process; (0, 1) outside DataLoader workers."""
+    info = get_worker_info()
+    return (0, 1) if info is None else (info.id, info.num_workers)
+
+
+def epoch_share(num_samples: int, slot: int, num_slots: int, epoch: int) -> tuple[int, int]:
+    """(start, count): the contiguous range of epoch ``epoch``'s sample sequence that ``slot`` reads.
+
+    ``count = floor(((epoch + 1) * n + slot) / S) - floor((epoch * n + slot) / S)`` and the ranges follow each
+    other in slot order, so they tile ``[0, n)``; the module docstring explains why the counts rotate like this.
+    """
+    if not 0 <= slot < num_slots or num_samples < 0 or epoch < 0:
+        raise ValueError(f"bad share request: slot {slot} of {num_slots}, {num_samples} samples, epoch {epoch}")
+
+    def count(s: int) -> int:
+        return ((epoch + 1) * num_samples + s) // num_slots - (epoch * num_samples + s) // num_slots
+
+    return sum(count(s) for s in range(slot)), count(slot)
+
+
+def _shuffled(items: Iterable, buffer_size: int, rng: random.Random) -> Iterator:
+    """Streaming shuffle: keep ``buffer_size`` items, emit a random one for each new item, then drain."""
+    buffer: list = []
+    for item in items:
+        if len(buffer) < buffer_size:
+            buffer.append(item)
+            continue
+        i = rng.randrange(len(buffer))
+        buffer[i], item = item, buffer[i]
+        yield item
+    rng.shuffle(buffer)
+    yield from buffer
+
+
+def to_tensor(image: np.ndarray) -> torch.Tensor:
+    """HxWx3 uint8 -> 3xHxW float32 in [-1, 1]."""
+    return torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32)).permute(2, 0, 1) / 127.5 - 1.0
+
+
+class ShardDataset(IterableDataset):
+    """Stream (image (3,H,W) float32 in [-1, 1], label int) from shard slices, partitioned over ranks and workers.
+
+    ``return_keys=True`` appends each sample's ``__key__`` (for tests and debugging).
+
+    See the module docstring for the partitioning rule. Epochs: the k-th ``iter()`` in a process since the last
+    ``set_epoch(e)`` (or since construction, e = 0) starts at epoch ``e + k``; with ``repeat=True`` one ``iter()``
+    is the endless sequence of epochs from there. The epoch is taken when ``iter()`` is called, not when the first
+    sample is asked for, so persistent DataLoader workers (``make_loader``), which all call ``iter()`` once per
+    loader pass, stay in step even when a pass is abandoned early. ``set_epoch`` stores the epoch in memory that
+    ``make_loader`` shares with the workers, so it reaches workers that already run. With other loaders (e.g.
+    non-persistent workers: fresh copies of the main-process object each pass, whose own count never moves), call
+    ``set_epoch`` before every pass, as with ``DistributedSampler``.
+    """
+
+    def __init__(
+        self,
+        slices: list[ShardSlice],
+        *,
+        train: bool,
+        rank: int = 0,
+        world_size: int = 1,
+        seed: int = 0,
+        repeat: bool = False,
+        shuffle_buffer: int = 256,
+        augment: AugmentConfig | None = None,
+        image_size: int | None = None,
+        return_keys: bool = False,
+    ):
+        super().__init__()
+        self.slices = list(slices)
+        if not self.slices or any(s.num_samples <= 0 for s in self.slices):
+            raise ValueError("ShardDataset needs at least one slice, each with num_samples > 0")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} outside [0, world_size={world_size})")
+        if shuffle_buffer < 0:
+            raise ValueError("shuffle_buffer must be >= 0")
+        if image_size is not None and image_size <= 0:
+            raise ValueError(f"image_size must be positive (or None: the decoded size), got {image_size}")
+        self.train, self.rank, self.world_size, self.seed = train, rank, world_size, seed
+        self.repeat, self.shuffle_buffer = repeat, shuffle_buffer
+        # Views (workers.augment): training samples get train_view(augment), the others eval_array(augment).
+        # image_size None keeps the decoded size (square shards, tests): the views then work at the decoded
+        # shorter side with crop fraction 1, so an eval view or crop "none" of a square image is the image itself.
+        augment = augment or AugmentConfig()
+        self.image_size = image_size
+        self.augment = augment if image_size else augment.model_copy(update={"eval_crop_fraction": 1.0})
+        self._decode_side = image_size and needed_shorter_side(image_size, self.augment, train)
+        self.return_keys = return_keys
+        self.num_samples = sum(s.num_samples for s in self.slices)
+        self._check_slots(world_size)
+        # [epoch of the last set_epoch, how many set_epoch calls]. DataLoader workers hold their own copies of this
+        # object, and persistent ones outlive the main process's later calls, so make_loader moves this tensor to
+        # shared memory (not done here: each shared tensor keeps a file descriptor open while it lives).
+        self._epoch_state = torch.zeros(2, dtype=torch.int64)
+        self._generation = 0  # the set_epoch count this process's _passes refers to
+        self._passes = 0  # iter() calls in this process since that set_epoch
+
+    def set_epoch(self, epoch: int) -> None:
+        """The next ``iter()`` here and in every worker of a ``make_loader`` loader (running or not) is ``epoch``."""
+        if epoch < 0:
+            raise ValueError(f"epoch must be >= 0, got {epoch}")
+        self._epoch_state[0] = epoch
+        self._epoch_state[1] += 1
+        self._generation, self._passes = int(self._epoch_state[1]), 0
+
+    def _next_epoch(self) -> int:
+        base, generation = (int(v) for v in self._epoch_state.tolist())
+        if generation != self._generation:  # set_epoch was called in another process (the loader's main process)
+            self._generation, self._passes = generation, 0
+        self._passes += 1
+        return base + self._passes - 1
+
+    def _check_slots(self, num_slots: int) -> None:
+        if self.num_samples < num_slots:
+            raise ValueError(
+                f"the subset has {self.num_samples} samples but {num_slots} data slots (world_size {self.world_size}"
+                " x DataLoader workers) would read it, so some slot would get no samples: use a larger fraction,"
+                " fewer workers or fewer ranks"
+            )
+
+    def slot_records(self, slot: int, num_slots: int, epoch: int) -> Iterator[tuple[str, bytes, int]]:
+        """One epoch of raw (key, image bytes, label) for one slot, before shuffling and augmentation.
+
+        The slot's :func:`epoch_share` of the epoch's slice order; a function of (seed, epoch, slot, num_slots) only.
+        """
+        order = list(range(len(self.slices)))
+        if self.train:  # "seed-epoch", not seed + epoch: a run seeded s + 1 must not replay epoch 1 of seed s
+            random.Random(f"slices-{self.seed}-{epoch}").shuffle(order)
+        start, count = epoch_share(self.num_samples, slot, num_slots, epoch)
+        stop, offset = start + count, 0
+        for i in order:
+            if offset >= stop:
+                return
+            piece = self.slices[i]
+            lo, hi = max(start - offset, 0), min(stop - offset, piece.num_samples)
+            offset += piece.num_samples
+            if lo < hi:  # the first `lo` records are streamed past (read, never decoded)
+                yield from itertools.islice(_read_shard(piece.url, hi), lo, None)
+
+    def _epoch_samples(self, slot: int, num_slots: int, epoch: int) -> Iterator[tuple]:
+        records = self.slot_records(slot, num_slots, epoch)
+        rng = random.Random(f"samples-{self.seed}-{epoch}-{slot}")
+        if self.train and self.shuffle_buffer > 1:
+            records = _shuffled(records, self.shuffle_buffer, rng)
+        for key, image_bytes, label in records:
+            decoded = decode_pil(image_bytes, self._decode_side)
+            size = self.image_size or min(decoded.size)
+            if self.train:
+                image = train_view(decoded, size, self.augment, rng)
+            else:
+                image = eval_array(decoded, size, self.augment)
+            yield (to_tensor(image), label, key) if self.return_keys else (to_tensor(image), label)
+
+    def __iter__(self) -> Iterator[tuple]:
+        # Not a generator itself: the slot and epoch are fixed now, at iter() time (see the class docstring).
+        worker_id, num_workers = _slot()
+        num_slots = self.world_size * num_workers
+        self._check_slots(num_slots)
+        return self._stream(self.rank * num_workers + worker_id, num_slots, self._next_epoch())
+
+    def _stream(self, slot: int, num_slots: int, epoch: int) -> Iterator[tuple]:
+        while True:
+            yield from self._epoch_samples(slot, num_slots, epoch)
+            if not self.repeat:
+                return
+            epoch += 1
+
+
+def make_loader(dataset: ShardDataset, batch_size: int, num_workers: int = 0, pin_memory: bool = False) -> DataLoader:
+    """DataLoader over a ShardDataset: drops the last partial batch of repeating (training) streams only.
+
+    ``pin_memory``: page-locked batches for faster, asynchronous host-to-GPU copies (pass it when training on CUDA).
+
+    Workers are persistent, so each one keeps its epoch count across passes (see :class:`ShardDataset`), and
+    ``in_order=True`` makes the loader take batches from its workers strictly in turn, so with ``repeat=True`` all
+    slots of a rank advance at the same number of samples, which the exactness of every pass relies on.
+    """
+    if num_workers > 0:
+        dataset._epoch_state.share_memory_()  # in place: set_epoch in this process reaches the workers
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        num_workers=num_workers,
+        drop_last=dataset.repeat,
+        persistent_workers=num_workers > 0,
+        in_order=True,
+        pin_memory=pin_memory,
+    )
