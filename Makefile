@@ -1,6 +1,6 @@
 # Two entry points for a fresh machine (see README):
 #   make demo   create .venv, install, write the digits shards, run studies/demo.yaml, draw the figures
-#   make test   create .venv, install with test extras, run the test suite
+#   make test   create .venv, install with test extras, lint (ruff), run the test suite
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -24,6 +24,7 @@ demo: setup $(DATA)/train/manifest.json
 	$(BIN)/mixer-study report demo --out results/demo
 
 test: setup
+	$(BIN)/ruff check .
 	$(BIN)/python -m pytest
 
 bench: setup

@@ -1,6 +1,8 @@
-"""Frozen ``pre_logits`` features of a trained model over a shard split, and few-shot evaluation of a checkpoint.
+"""Frozen ``pre_logits`` features of a trained model over a shard split, and few-shot evaluation of a model.
 
-This is the glue between ``workers`` (model, shard reader) and the pure maths in ``analysis.fewshot``.
+This is the glue between ``workers`` (model, shard reader) and the pure maths in ``analysis.fewshot``. Features
+are float32 (an (N, C) float64 copy of ImageNet-1k train with H/14 would be ~13 GB); the few-shot maths casts only
+the small k-shot sets to float64.
 """
 
 from __future__ import annotations
@@ -9,27 +11,30 @@ import numpy as np
 import torch
 
 from analysis.fewshot import fewshot_metrics, linear_fewshot
-from workers.data import ShardDataset, fraction_slices, load_manifest, make_loader
+from workers.config import AugmentConfig
+from workers.fractions import prefix_slices
+from workers.manifest import load_manifest
 from workers.model import MlpMixer
+from workers.shard_reader import ShardDataset, make_loader
 
 
 @torch.inference_mode()
 def extract_features(
-    model: MlpMixer, manifest_url: str, batch_size: int = 256, precision: str = "fp32"
+    model: MlpMixer, manifest_url: str, batch_size: int = 256, precision: str = "fp32",
+    num_samples: int | None = None, crop_fraction: float = 0.875,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(features (N, C) float64, labels (N,) int64) for every sample of a split, in eval mode, no augmentation."""
+    """(features (N, C) float32, labels (N,) int64) of the first ``num_samples`` samples (all for None) of a split,
+    in eval mode, through the evaluation view (resize the shorter side to size/crop_fraction, central crop)."""
     manifest = load_manifest(manifest_url)
-    if manifest.image_size != model.image_size:
-        raise ValueError(
-            f"{manifest.url}: images are {manifest.image_size}px but the model was trained at {model.image_size}px"
-        )
-    dataset = ShardDataset(fraction_slices(manifest, 1.0), train=False)
+    dataset = ShardDataset(prefix_slices(manifest, num_samples), train=False, image_size=model.image_size,
+                           augment=AugmentConfig(eval_crop_fraction=crop_fraction))
+    device = next(model.parameters()).device
     model.eval()
     features, labels = [], []
     for images, batch_labels in make_loader(dataset, batch_size):
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
-            pre_logits = model.forward_features(images)
-        features.append(pre_logits.float().numpy().astype(np.float64))
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+            pre_logits = model.forward_features(images.to(device))
+        features.append(pre_logits.float().cpu().numpy())
         labels.append(np.asarray(batch_labels, dtype=np.int64))
     return np.concatenate(features), np.concatenate(labels)
 
@@ -41,10 +46,15 @@ def fewshot_for_model(
     shots: tuple[int, ...] = (1, 5, 10, 25),
     seeds: int = 3,
     l2_reg: float = 2.0**10,
+    train_samples: int | None = None,
+    crop_fraction: float = 0.875,
 ) -> dict[str, float]:
-    """Linear few-shot accuracies of a model as flat MLflow metrics (``fewshot/5shot``, ``fewshot/5shot_std``, ...)."""
-    train_x, train_y = extract_features(model, train_url)
-    test_x, test_y = extract_features(model, test_url)
+    """Linear few-shot accuracies of a model as flat MLflow metrics (``fewshot/5shot``, ``fewshot/5shot_std``, ...).
+
+    ``train_samples`` caps the downstream train split to its first N samples (big_vision's ``train[:N]``).
+    """
+    train_x, train_y = extract_features(model, train_url, num_samples=train_samples, crop_fraction=crop_fraction)
+    test_x, test_y = extract_features(model, test_url, crop_fraction=crop_fraction)
     num_classes = load_manifest(train_url).num_classes
     results = linear_fewshot(
         train_x, train_y, test_x, test_y, shots=shots, seeds=tuple(range(seeds)), l2_reg=l2_reg,

@@ -3,7 +3,7 @@
 For every seed and every k in `shots`, take k examples per class from the
 downstream train split, fit a closed-form ridge regression from standardised
 features to ±1 one-hot targets, and report top-1 accuracy of its argmax on the
-whole test split. Everything is numpy float64.
+whole test split. The solve is numpy float64 (features may be float32).
 """
 
 from collections.abc import Sequence
@@ -17,6 +17,7 @@ BIAS_CONSTANT = 100.0
 # Added to the standard deviation so that constant features do not divide by 0.
 STD_EPS = 1e-5
 DEFAULT_L2_REG = 2.0**10
+TEST_CHUNK = 8192  # test rows predicted at once
 
 
 def kshot_indices(
@@ -78,20 +79,26 @@ def ridge_classify(
 ) -> np.ndarray:
     """Predicted test labels of a ridge regression onto ±1 one-hot targets."""
     train_x = np.asarray(train_x, dtype=np.float64)
-    test_x = np.asarray(test_x, dtype=np.float64)
     # Standardise with the statistics of the (tiny) k-shot set only.
     mean = train_x.mean(axis=0, keepdims=True)
     std = train_x.std(axis=0, keepdims=True) + STD_EPS
     x = _design(train_x, mean, std)
     y = 2.0 * np.eye(num_classes)[np.asarray(train_y)] - 1.0
     w = ridge_weights(x, y, l2_reg)
-    return np.argmax(_design(test_x, mean, std) @ w, axis=1)
+    # The test split may be large (float32 features): predict in float64 chunks to bound memory.
+    return np.concatenate([
+        np.argmax(_design(np.asarray(test_x[i:i + TEST_CHUNK], dtype=np.float64), mean, std) @ w, axis=1)
+        for i in range(0, len(test_x), TEST_CHUNK)
+    ])
 
 
 def _check_inputs(train_x, train_y, test_x, test_y, num_classes):
-    """Arrays as float64 features / int labels, and the number of classes."""
-    train_x = np.asarray(train_x, dtype=np.float64)
-    test_x = np.asarray(test_x, dtype=np.float64)
+    """Arrays as float features (kept in their dtype: float32 features are not copied) / int labels, and the
+    number of classes."""
+    train_x, test_x = np.asarray(train_x), np.asarray(test_x)
+    for name, x in (("train_x", train_x), ("test_x", test_x)):
+        if not np.issubdtype(x.dtype, np.floating):
+            raise ValueError(f"{name}: expected float features, got dtype {x.dtype}")
     train_y, test_y = np.asarray(train_y), np.asarray(test_y)
     for name, x in (("train_x", train_x), ("test_x", test_x)):
         if x.ndim != 2:

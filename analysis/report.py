@@ -43,15 +43,15 @@ def token_mixing_weights(checkpoint: str, blocks: int = 3) -> tuple[list[np.ndar
 
     ``checkpoint`` is a local folder or any fsspec URL (s3://...), which is copied to a temporary folder first.
     """
-    from workers.train import load_model_from_checkpoint
+    from workers.checkpoint import load_model
 
     if "://" in checkpoint:
         fs, path = fsspec.core.url_to_fs(checkpoint)
         with tempfile.TemporaryDirectory() as tmp:
             fs.get(path.rstrip("/") + "/", tmp, recursive=True)
-            model = load_model_from_checkpoint(tmp)
+            model = load_model(tmp)
     else:
-        model = load_model_from_checkpoint(checkpoint)
+        model = load_model(checkpoint)
     count = min(blocks, len(model.blocks))
     return [model.token_mixing_weights(b).float().numpy() for b in range(count)], model.variant.name
 

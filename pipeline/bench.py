@@ -25,14 +25,17 @@ import platform
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from workers.config import OptimConfig
 from workers.model import build_model, get_variant, train_flops_per_image
+from workers.optim import build_optimizer
 from workers.precision import cpu_has_fast_bf16
 
 __all__ = [
@@ -187,7 +190,7 @@ def bench_train_step(variants: list[str], image_size: int, batch_size: int, repe
         torch.manual_seed(0)
         model = build_model(name, image_size, NUM_CLASSES)
         model.train()
-        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=1e-4)
+        optimizer = build_optimizer(model, OptimConfig())  # the recipe's optimiser (big_vision wd semantics)
         images = torch.randn(batch_size, 3, image_size, image_size)
         labels = torch.randint(0, NUM_CLASSES, (batch_size,))
         flops = train_flops_per_image(name, image_size, NUM_CLASSES)
@@ -255,9 +258,10 @@ def bench_inference(variants: list[str], image_size: int, write: Write) -> dict:
 
 def _read_pass(slices, batch_size: int) -> int:
     """One pass through ShardDataset + make_loader as training reads it; returns the number of samples."""
-    from workers.data import ShardDataset, make_loader
+    from workers.config import AugmentConfig
+    from workers.shard_reader import ShardDataset, make_loader
 
-    dataset = ShardDataset(slices, train=True, seed=0, crop_pad=DATA_CROP_PAD)
+    dataset = ShardDataset(slices, train=True, seed=0, augment=AugmentConfig(crop="pad", pad=DATA_CROP_PAD))
     return sum(len(labels) for _images, labels in make_loader(dataset, batch_size))
 
 
@@ -279,7 +283,9 @@ def _interleaved_medians(fns: dict[str, Callable[[], Any]], passes: int) -> dict
 
 def bench_data(write: Write) -> dict:
     """Shard reader vs decode-only samples/s on the digits train split, and fraction 0.1 vs 1.0 read time."""
-    from workers.data import decode_image, fraction_slices, iter_samples, shards_from_digits
+    from workers.fractions import fraction_slices
+    from workers.shard_reader import decode_image, iter_samples
+    from workers.shard_writer import shards_from_digits
 
     with tempfile.TemporaryDirectory(prefix="mixer-bench-") as tmp:
         write(f"[bench] data: writing digits shards ({DATA_IMAGE_SIZE} px) ...")

@@ -1,7 +1,7 @@
 """``mixer-study``: the command line. Each verb is a thin wrapper over a library function.
 
   models    list the model variants with sizes and FLOPs
-  shards    write WebDataset shards (bundled digits, or an ImageFolder tree)
+  shards    write WebDataset shards (bundled digits, an ImageFolder tree) or index a WebDataset corpus (--from wds)
   plan      dry run of a study: grid, steps, epochs, FLOPs (no Ray)
   run       run a study on Ray Tune (embedded local Ray, or --address / $RAY_ADDRESS)
   resume    finish an interrupted study
@@ -26,7 +26,7 @@ import yaml
 
 
 def _models(args: argparse.Namespace) -> None:
-    from workers.model import VARIANTS, forward_flops, num_tokens, param_count
+    from workers.model import SIZES, VARIANTS, forward_flops, num_tokens, param_count
 
     print(f"{'variant':>8} {'layers':>6} {'P':>3} {'C':>5} {'D_S':>5} {'D_C':>5} {'S':>5} {'params':>13} "
           f"{'GFLOPs/img':>10}  description   (image size {args.image_size}, {args.num_classes} classes)")
@@ -38,22 +38,39 @@ def _models(args: argparse.Namespace) -> None:
               f"{v.channels_mlp_dim:>5} {num_tokens(v, args.image_size):>5} "
               f"{param_count(v, args.image_size, args.num_classes):>13,} "
               f"{forward_flops(v, args.image_size, args.num_classes) / 1e9:>10.4g}  {v.description}")
+    print(f"any SIZE/PATCH works as well (sizes: {', '.join(SIZES)}; e.g. S/8)")
 
 
 def _shards(args: argparse.Namespace) -> None:
-    from workers.data import shards_from_digits, shards_from_imagefolder
+    from workers.shard_writer import shards_from_digits, shards_from_imagefolder
 
-    if args.source == "digits":
+    if args.source == "wds":  # an existing WebDataset corpus: index it in place, or --reshard it shuffled
+        from workers.wds_index import index_webdataset, reshard
+
+        if not args.root:
+            raise SystemExit("mixer-study shards --from wds needs --root 'URL-{000000..001023}.tar' (a brace pattern)")
+        labels = {"label_key": args.label_key, "classes": args.classes}
+        if args.reshard:
+            manifests = {args.split: reshard(args.root, args.out, args.split, samples_per_shard=args.samples_per_shard,
+                                             seed=args.seed, **labels)}
+        else:
+            manifests = {args.split: index_webdataset(args.root, args.out, args.split, **labels)}
+    elif args.source == "digits":
+        if args.format == "jpeg":
+            raise SystemExit("mixer-study shards --from digits writes square PNG shards; --format jpeg is for"
+                             " --from imagefolder")
         manifests = shards_from_digits(args.out, image_size=args.image_size, samples_per_shard=args.samples_per_shard,
                                        seed=args.seed)
     else:
         if not args.root:
             raise SystemExit("mixer-study shards --from imagefolder needs --root DIR (class_name/*.jpg|png)")
         manifests = shards_from_imagefolder(args.root, args.out, image_size=args.image_size,
-                                            samples_per_shard=args.samples_per_shard, seed=args.seed)
+                                            samples_per_shard=args.samples_per_shard, seed=args.seed,
+                                            image_format=args.format, jpeg_quality=args.jpeg_quality)
     for split, m in manifests.items():
+        size = f"{m.image_size}px" if m.image_size else "images of varying size (set data.image_size)"
         print(f"{split:>6}: {m.num_samples:6d} samples in {len(m.shards):4d} shards, {m.num_classes} classes, "
-              f"{m.image_size}px -> {m.url}")
+              f"{size} -> {m.url}")
 
 
 def _plan(args: argparse.Namespace) -> None:
@@ -71,7 +88,8 @@ def _run(args: argparse.Namespace) -> None:
     spec = load_study(args.study)
     rows = run_study(spec, address=args.address, tracking_uri=args.tracking_uri, storage=args.storage)
     _print_rows(rows)
-    print(f"next: mixer-study report {spec.name}" + (f" --tracking-uri {args.tracking_uri}" if args.tracking_uri else ""))
+    tracking = f" --tracking-uri {args.tracking_uri}" if args.tracking_uri else ""
+    print(f"next: mixer-study report {spec.name}{tracking}")
     if any(r["status"] != "DONE" for r in rows):
         raise SystemExit(1)
 
@@ -105,12 +123,10 @@ def _parse_overrides(pairs: list[str]) -> dict[str, Any]:
 
 
 def _train(args: argparse.Namespace) -> None:
-    import dataclasses
-
     from pipeline.plan import plan_study
     from pipeline.spec import load_study, parse_study
     from pipeline.tracking import resolve_tracking_uri
-    from pipeline.trial import TrialJob, run_trial
+    from pipeline.trial import ONE_OFF, make_job, refuse_changed_rerun, run_trial
     from pipeline.tune import init_ray, ray_logs_dir, resolve_storage
 
     # One trial = the study with a one-point grid of the --set overrides: same validation, same plan checks.
@@ -118,30 +134,31 @@ def _train(args: argparse.Namespace) -> None:
     raw["grid"] = {key: [value] for key, value in _parse_overrides(args.set).items()}
     spec = parse_study(raw, source=f"{args.config} with --set {' '.join(args.set)}".strip())
     (plan,) = plan_study(spec)
-    config, overrides = plan.config, plan.point
     name = args.name or "train-" + plan.name
     tracking_uri = resolve_tracking_uri(args.tracking_uri, spec.tracking.uri)
-    r = spec.resources
-    job = TrialJob(name=name, study=spec.name, trial=config.model_dump(mode="json"), tracking_uri=tracking_uri,
-                   experiment=spec.experiment, storage="/".join([resolve_storage(args.storage), spec.name, "train"]),
-                   workers=r.workers_per_trial, cpus_per_worker=r.cpus_per_worker, gpus_per_worker=r.gpus_per_worker,
-                   max_failures=r.max_failures, point=overrides)
+    # A one-off run has its own MLflow role, so it never enters the study's results table or figures.
+    job = make_job(spec, name, plan.config, plan.point, tracking_uri=tracking_uri,
+                   storage=resolve_storage(args.storage), role=ONE_OFF)
+    refuse_changed_rerun(job)  # before Ray starts
     init_ray(args.address)
+    r = spec.resources
     print(f"trial {name}: {r.workers_per_trial} workers; MLflow {tracking_uri}; Ray logs {ray_logs_dir()}")
-    final = run_trial(dataclasses.asdict(job))
+    final = run_trial(job)
     print(json.dumps(final, indent=2))
 
 
 def _fewshot(args: argparse.Namespace) -> None:
     from analysis.features import fewshot_for_model
-    from workers.train import load_model_from_checkpoint
+    from workers.checkpoint import load_model
 
     train = args.train or (f"{args.data.rstrip('/')}/train" if args.data else None)
     test = args.test or (f"{args.data.rstrip('/')}/test" if args.data else None)
     if not (train and test):
         raise SystemExit("give --data SHARD_DIR (with train/ and test/ splits) or both --train and --test")
-    model = load_model_from_checkpoint(args.checkpoint)
-    metrics = fewshot_for_model(model, train, test, shots=tuple(args.shots), seeds=args.seeds, l2_reg=args.l2_reg)
+    model = load_model(args.checkpoint)
+    args.train_samples = args.train_samples or None
+    metrics = fewshot_for_model(model, train, test, shots=tuple(args.shots), seeds=args.seeds, l2_reg=args.l2_reg,
+                                train_samples=args.train_samples, crop_fraction=args.crop_fraction)
     for key, value in metrics.items():
         print(f"{key:>24}: {value:.4f}")
 
@@ -184,10 +201,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_models)
 
     p = verbs.add_parser("shards", help="write WebDataset shards")
-    p.add_argument("--from", dest="source", choices=["digits", "imagefolder"], default="digits")
-    p.add_argument("--root", help="ImageFolder root (class_name/*.jpg|png) for --from imagefolder")
+    p.add_argument("--from", dest="source", choices=["digits", "imagefolder", "wds"], default="digits",
+                   help="wds: an existing WebDataset corpus (--root pattern): writes only its manifest, or --reshard")
+    p.add_argument("--root", help="ImageFolder root (class_name/*.jpg|png) for --from imagefolder; for --from wds the"
+                   " shards' brace pattern, e.g. 's3://bucket/imagenet/train-{000000..001023}.tar'")
+    p.add_argument("--split", default="train", help="--from wds: split name, the manifest goes to OUT/SPLIT/")
+    p.add_argument("--label-key", choices=["cls", "json"], default="cls",
+                   help="--from wds: label from the .cls entry, or from the .json entry's \"label\" (else \"cls\")")
+    p.add_argument("--classes", help="--from wds: file with one class name per line (line i = label i); "
+                   "default 0..K-1")
+    p.add_argument("--reshard", action="store_true",
+                   help="--from wds: write the corpus as shuffled shards (images copied unchanged, "
+                   "--samples-per-shard each) instead of indexing it in place; needed for class-sorted corpora")
     p.add_argument("--out", required=True, help="output folder (any fsspec URL); one subfolder per split")
-    p.add_argument("--image-size", type=int, default=16)
+    p.add_argument("--image-size", type=int, default=16,
+                   help="stored shorter side (keep >= 1.14 x the training size for inception crops); imagefolder"
+                   " images keep their aspect ratio, digits are square")
+    p.add_argument("--format", choices=["png", "jpeg"], default="png",
+                   help="sample encoding: png (lossless) or jpeg (several times smaller for photos; imagefolder only)")
+    p.add_argument("--jpeg-quality", type=int, default=95, help="JPEG quality 1..100 for --format jpeg")
     p.add_argument("--samples-per-shard", type=int, default=25)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_shards)
@@ -227,6 +259,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shots", type=int, nargs="+", default=[1, 5, 10, 25])
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--l2-reg", type=float, default=2.0**10)
+    p.add_argument("--train-samples", type=int, default=65_000,
+                   help="use the first N samples of the train split (big_vision train[:65000]; 0 = all)")
+    p.add_argument("--crop-fraction", type=float, default=0.875,
+                   help="evaluation view: resize the shorter side to size/this, central crop (the trial's "
+                        "data.augment.eval_crop_fraction)")
     p.set_defaults(func=_fewshot)
 
     p = verbs.add_parser("report", parents=[track_args], help="results table and paper figures of a study")

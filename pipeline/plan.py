@@ -12,7 +12,8 @@ from typing import Any
 
 from pipeline.spec import StudyError, StudySpec, trial_name
 from workers.config import TrialConfig, flatten
-from workers.data import Manifest, load_manifest, subset_size
+from workers.fractions import class_counts, subset_size
+from workers.manifest import Manifest, load_manifest
 from workers.model import forward_flops, get_variant, num_tokens, train_flops_per_image
 
 
@@ -38,6 +39,23 @@ def _manifest(url: str) -> Manifest:
     return load_manifest(url)
 
 
+def _check_fewshot_classes(config: TrialConfig, manifest: Manifest, trial: str) -> None:
+    """Every downstream class needs at least max(shots) examples in the (capped) downstream train split."""
+    cap = config.fewshot.train_samples
+    counts = class_counts(manifest, manifest.num_samples if cap is None else min(cap, manifest.num_samples))
+    if counts is None:
+        return  # an old manifest without per-class counts: the trial's few-shot step will say which class is short
+    need = max(config.fewshot.shots)
+    short = [(manifest.class_names[c], n) for c, n in enumerate(counts) if n < need]
+    if short:
+        shown = ", ".join(f"{name!r} has {n}" for name, n in short[:5]) + (" ..." if len(short) > 5 else "")
+        raise StudyError(
+            f"trial {trial}: fewshot.shots up to {need} need {need} examples of every class in fewshot.train "
+            f"({manifest.url}, first {cap if cap is not None else 'all'} samples), but {len(short)} class(es) have "
+            f"fewer: {shown}. Lower fewshot.shots, raise fewshot.train_samples, or use a larger split."
+        )
+
+
 def plan_study(spec: StudySpec) -> list[TrialPlan]:
     """Expand the grid and compute each trial's accounting. Reads the data manifests (small JSON files)."""
     plans = []
@@ -52,12 +70,20 @@ def plan_study(spec: StudySpec) -> list[TrialPlan]:
                 _manifest(config.fewshot.train)
                 _manifest(config.fewshot.test)
         except (OSError, ValueError) as error:
-            raise StudyError(f"study {spec.name}, trial {trial_name(point)}: cannot read a data manifest: {error}") from None
+            raise StudyError(
+                f"study {spec.name}, trial {trial_name(point)}: cannot read a data manifest: {error}") from None
+        if config.fewshot.enabled:
+            _check_fewshot_classes(config, _manifest(config.fewshot.train), trial_name(point))
         variant = get_variant(config.model.variant)
+        image_size = config.data.image_size or manifest.image_size
+        if not image_size:
+            raise StudyError(f"data.image_size: required, because {manifest.url} holds images of varying size "
+                             "(its manifest has no image_size)")
         try:
-            num_tokens(variant, manifest.image_size)
+            num_tokens(variant, image_size)
         except ValueError as error:
-            raise StudyError(f"model.variant {variant.name} does not fit data.train ({manifest.url}): {error}") from None
+            where = "data.image_size" if config.data.image_size else f"data.train ({manifest.url})"
+            raise StudyError(f"model.variant {variant.name} does not fit {where}: {error}") from None
         n_train = subset_size(manifest, config.data.fraction)
         slots = spec.resources.workers_per_trial * max(1, config.data.loader_workers)
         if n_train < slots:
@@ -72,12 +98,12 @@ def plan_study(spec: StudySpec) -> list[TrialPlan]:
                 name=trial_name(point),
                 point=point,
                 config=config,
-                image_size=manifest.image_size,
+                image_size=image_size,
                 num_classes=manifest.num_classes,
                 train_images=n_train,
                 epochs=images_seen / n_train,
-                forward_gflops=forward_flops(variant, manifest.image_size, manifest.num_classes) / 1e9,
-                train_flops=float(train_flops_per_image(variant, manifest.image_size, manifest.num_classes)) * images_seen,
+                forward_gflops=forward_flops(variant, image_size, manifest.num_classes) / 1e9,
+                train_flops=float(train_flops_per_image(variant, image_size, manifest.num_classes)) * images_seen,
             )
         )
     names = [p.name for p in plans]
@@ -100,7 +126,8 @@ def format_plan(spec: StudySpec, plans: list[TrialPlan]) -> str:
         c = p.config
         lines.append(
             f"{p.name:<40} {c.model.variant:>8} {p.image_size:>4} {c.data.fraction:>8.3g} {p.train_images:>8} "
-            f"{c.train.steps:>7} {c.train.batch_size:>6} {p.epochs:>8.1f} {p.forward_gflops:>10.4g} {p.train_flops:>12.3e}"
+            f"{c.train.steps:>7} {c.train.batch_size:>6} {p.epochs:>8.1f} {p.forward_gflops:>10.4g} "
+            f"{p.train_flops:>12.3e}"
         )
     total = sum(p.train_flops for p in plans)
     lines.append(f"total: {sum(p.config.train.steps for p in plans)} steps, "

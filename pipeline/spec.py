@@ -7,6 +7,7 @@ point is validated here, before Ray starts, so a bad value in the third grid ent
 
 from __future__ import annotations
 
+import copy
 import itertools
 import re
 from pathlib import Path
@@ -32,11 +33,17 @@ class ResourcesSpec(BaseModel):
 
     workers_per_trial: int = Field(2, ge=1, description="DDP workers (Ray Train worker actors) per trial")
     cpus_per_worker: int = Field(1, ge=1)
-    gpus_per_worker: int = Field(0, ge=0, description="0 trains on CPU (gloo), >= 1 on GPU (nccl)")
+    gpus_per_worker: int = Field(
+        0, ge=0, le=1, description="0 trains on CPU (gloo), 1 on GPU (nccl): DDP drives one device per worker, so"
+        " use more workers for more GPUs"
+    )
     max_concurrent_trials: int | None = Field(
         None, ge=1, description="default: as many as the cluster's CPUs (or GPUs) hold at once"
     )
-    max_failures: int = Field(1, ge=0, description="restarts of a failed trial (each resumes from its checkpoint)")
+    max_failures: int = Field(
+        1, ge=0, description="retries of a failed trial, each resuming from its last checkpoint (the only retry layer:"
+        " a trial runs at most 1 + max_failures times)"
+    )
 
 
 class TrackingSpec(BaseModel):
@@ -44,6 +51,7 @@ class TrackingSpec(BaseModel):
 
     uri: str | None = Field(None, description="MLflow tracking URI; default $MLFLOW_TRACKING_URI or ./mlflow.db")
     experiment: str | None = Field(None, description="MLflow experiment; default the study name")
+    system_metrics: bool = Field(True, description="log MLflow system metrics (CPU, memory, GPU) for each trial")
 
 
 class StudySpec(BaseModel):
@@ -80,10 +88,14 @@ class StudySpec(BaseModel):
 
 
 def _with_overrides(config: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
-    config = {k: dict(v) if isinstance(v, dict) else v for k, v in config.items()}
+    """A copy of the nested ``config`` with dotted keys (``data.augment.crop``) set."""
+    config = copy.deepcopy(config)
     for dotted, value in overrides.items():
-        section, _, field = dotted.partition(".")
-        config[section][field] = value
+        *sections, field = dotted.split(".")
+        target = config
+        for section in sections:
+            target = target.setdefault(section, {})
+        target[field] = value
     return config
 
 
@@ -115,7 +127,8 @@ def _resolve_local_paths(raw: dict[str, Any], base_dir: Path) -> None:
 def parse_study(raw: Any, source: str = "<study>", base_dir: Path | None = None) -> StudySpec:
     """Validate a study given as a dict (e.g. parsed YAML). Raises :class:`StudyError` listing every problem."""
     if not isinstance(raw, dict):
-        raise StudyError(f"{source}: a study file must be a YAML mapping (name, base, grid, ...), got {type(raw).__name__}")
+        raise StudyError(
+            f"{source}: a study file must be a YAML mapping (name, base, grid, ...), got {type(raw).__name__}")
     _resolve_local_paths(raw, base_dir or Path.cwd())
     try:
         spec = StudySpec.model_validate(raw)

@@ -4,26 +4,39 @@ checkpoint -> MLflow. Used as the Ray Tune function trainable and by ``mixer-stu
 Ray Train V2 resumes by run name: a ``TorchTrainer`` whose ``RunConfig(name, storage_path)`` points at an
 existing run restarts from that run's latest checkpoint. Trial names are deterministic, so a restarted trial
 (Tune retry or ``mixer-study resume``) continues where its checkpoints left off.
+
+Retries have ONE layer: Ray Tune's ``FailureConfig(max_failures=resources.max_failures)``. A failed attempt (a
+worker, its node or the trial driver lost, or a deterministic error) is retried as a whole trial, which resumes
+from the last checkpoint; Ray Train's own retry is off, so a deterministic failure runs 1 + max_failures times,
+not (1 + max_failures)². Each attempt increments the run's ``mixer.attempts`` tag.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass, field
 from typing import Any
 
 import mlflow.tracking
+import ray
 import ray.train
-import torch
 from ray.train.torch import TorchTrainer
 
 from analysis.features import fewshot_for_model
-from pipeline.tracking import end_run, experiment_id, trial_run
+from pipeline.spec import StudyError, StudySpec
+from pipeline.tracking import DataSplit, end_run, experiment_id, log_dataset_inputs, trial_run
+from workers.checkpoint import load_model
 from workers.config import TrialConfig, flatten
-from workers.data import load_manifest, subset_size
-from workers.train import load_model_from_checkpoint, train_loop_per_worker
+from workers.fractions import subset_size
+from workers.manifest import Manifest, load_manifest
+from workers.track import ROLE_TAG, STUDY_TAG, TRIAL_TAG, tag_filter
+from workers.train import train_loop_per_worker
 
 log = logging.getLogger(__name__)
+
+STUDY_TRIAL, ONE_OFF = "trial", "train"  # MLflow roles: a study's grid point, or a `mixer-study train` run
+ATTEMPTS_TAG = "mixer.attempts"  # how many times the trial started (1 + retries + resumes)
 
 
 @dataclass
@@ -32,6 +45,7 @@ class TrialJob:
 
     name: str
     study: str
+    role: str                             # STUDY_TRIAL or ONE_OFF: only study trials enter a study's results
     trial: dict[str, Any]                 # TrialConfig as a dict
     tracking_uri: str
     experiment: str
@@ -39,9 +53,21 @@ class TrialJob:
     workers: int = 2
     cpus_per_worker: int = 1
     gpus_per_worker: int = 0
-    max_failures: int = 1
+    system_metrics: bool = True
     parent_run_id: str | None = None
     point: dict[str, Any] = field(default_factory=dict)
+
+
+def make_job(spec: StudySpec, name: str, config: TrialConfig, point: dict[str, Any], *, tracking_uri: str,
+             storage: str, role: str = STUDY_TRIAL, parent_run_id: str | None = None) -> dict[str, Any]:
+    """The one constructor of a trial's job (``run`` for every grid point, ``train`` for its single run)."""
+    r = spec.resources
+    return dataclasses.asdict(TrialJob(
+        name=name, study=spec.name, role=role, trial=config.model_dump(mode="json"), tracking_uri=tracking_uri,
+        experiment=spec.experiment, storage="/".join([storage.rstrip("/"), spec.name, "train"]),
+        workers=r.workers_per_trial, cpus_per_worker=r.cpus_per_worker, gpus_per_worker=r.gpus_per_worker,
+        system_metrics=spec.tracking.system_metrics, parent_run_id=parent_run_id, point=point,
+    ))
 
 
 def _checkpoint_uri(checkpoint: ray.train.Checkpoint) -> str:
@@ -57,6 +83,67 @@ def best_checkpoint(result: ray.train.Result) -> tuple[ray.train.Checkpoint, dic
     return max(candidates, key=lambda cm: (cm[1]["val/acc"], -cm[1]["step"]))
 
 
+def fewshot_of_checkpoint(checkpoint: ray.train.Checkpoint, trial: dict[str, Any], threads: int) -> dict[str, float]:
+    """Linear few-shot of a checkpoint (a Ray task holding one worker's CPUs/GPU: never unreserved cores)."""
+    import torch
+
+    config = TrialConfig.model_validate(trial)
+    torch.set_num_threads(threads)
+    with checkpoint.as_directory() as folder:
+        model = load_model(folder)
+    if torch.cuda.is_available():
+        model = model.cuda()
+    f = config.fewshot
+    return fewshot_for_model(model, f.train, f.test, shots=f.shots, seeds=f.seeds, l2_reg=f.l2_reg,
+                             train_samples=f.train_samples, crop_fraction=config.data.augment.eval_crop_fraction)
+
+
+def _params(trial: TrialConfig, job: TrialJob, manifest: Manifest) -> dict[str, Any]:
+    return {**flatten(trial), "data.image_size": trial.data.image_size or manifest.image_size,
+            "data.num_classes": manifest.num_classes, "data.train_images": subset_size(manifest, trial.data.fraction),
+            "resources.workers": job.workers, "resources.cpus_per_worker": job.cpus_per_worker,
+            "resources.gpus_per_worker": job.gpus_per_worker}
+
+
+def _dataset_inputs(trial: TrialConfig) -> list[DataSplit]:
+    """One MLflow dataset input per split the trial reads: what the runs table's Dataset column shows."""
+    def split(context: str, url: str, num_samples: int | None) -> DataSplit:
+        manifest = load_manifest(url)
+        count = manifest.num_samples if num_samples is None else min(num_samples, manifest.num_samples)
+        return DataSplit(context, manifest.url, [s.sha256 for s in manifest.shards], count / manifest.num_samples,
+                         count, manifest.num_classes)
+
+    train = load_manifest(trial.data.train)
+    splits = [split("train", trial.data.train, subset_size(train, trial.data.fraction)),
+              split("val", trial.data.val, None)]
+    if trial.fewshot.enabled:
+        splits += [split("fewshot-train", trial.fewshot.train, trial.fewshot.train_samples),
+                   split("fewshot-test", trial.fewshot.test, None)]
+    return splits
+
+
+def refuse_changed_rerun(job_dict: dict[str, Any]) -> None:
+    """Raise StudyError if ``job`` would continue an existing MLflow run (same study, name and role) whose recipe
+    differs: rerunning a name continues its checkpoints, so an edited recipe must get a new name. Call before Ray."""
+    job = TrialJob(**job_dict)
+    trial = TrialConfig.model_validate(job.trial)
+    client = mlflow.tracking.MlflowClient(job.tracking_uri)
+    experiment = client.get_experiment_by_name(job.experiment)
+    if experiment is None:
+        return
+    runs = client.search_runs([experiment.experiment_id], tag_filter(
+        {STUDY_TAG: job.study, TRIAL_TAG: job.name, ROLE_TAG: job.role}), max_results=1)
+    if not runs:
+        return
+    new = {k: str(v)[:6000] for k, v in _params(trial, job, load_manifest(trial.data.train)).items()}
+    old = runs[0].data.params
+    changed = sorted(k for k in new.keys() | old.keys() if new.get(k) != old.get(k))
+    if changed:
+        diff = "; ".join(f"{k}: {old.get(k, '<unset>')} -> {new.get(k, '<unset>')}" for k in changed[:8])
+        raise StudyError(f"run '{job.name}' of study '{job.study}' already exists with a different recipe ({diff}): "
+                         "rerunning a name continues its checkpoints, so give the changed recipe another --name")
+
+
 def run_trial(job_dict: dict[str, Any], in_tune: bool = False) -> dict[str, float]:
     """Train one trial and evaluate it; returns the trial's final metrics (also logged to its MLflow run)."""
     job = TrialJob(**job_dict)
@@ -64,29 +151,30 @@ def run_trial(job_dict: dict[str, Any], in_tune: bool = False) -> dict[str, floa
     client = mlflow.tracking.MlflowClient(job.tracking_uri)
     exp_id = experiment_id(client, job.experiment)
     manifest = load_manifest(trial.data.train)
-    params = {**flatten(trial), "data.image_size": manifest.image_size, "data.num_classes": manifest.num_classes,
-              "data.train_images": subset_size(manifest, trial.data.fraction), "resources.workers": job.workers, "resources.cpus_per_worker": job.cpus_per_worker,
-              "resources.gpus_per_worker": job.gpus_per_worker}
-    run_id = trial_run(client, exp_id, job.study, job.parent_run_id, job.name, params)
+    run_id = trial_run(client, exp_id, job.study, job.parent_run_id, job.name, _params(trial, job, manifest),
+                       role=job.role)
+    attempts = int(client.get_run(run_id).data.tags.get(ATTEMPTS_TAG, "0")) + 1
+    client.set_tag(run_id, ATTEMPTS_TAG, str(attempts))
     client.set_tag(run_id, "mixer.grid_point", ",".join(f"{k}={v}" for k, v in job.point.items()) or "base")
     ok = False
     try:
+        log_dataset_inputs(client, run_id, _dataset_inputs(trial))
         callbacks = []
         if in_tune:
             from ray.tune.integration.ray_train import TuneReportCallback
 
             callbacks.append(TuneReportCallback())
+        gpus = {"GPU": job.gpus_per_worker} if job.gpus_per_worker else {}
         trainer = TorchTrainer(
             train_loop_per_worker,
             train_loop_config={
                 "trial": job.trial,
-                "mlflow": {"tracking_uri": job.tracking_uri, "run_id": run_id},
+                "mlflow": {"tracking_uri": job.tracking_uri, "run_id": run_id, "system_metrics": job.system_metrics},
                 "cpus_per_worker": job.cpus_per_worker,
             },
             scaling_config=ray.train.ScalingConfig(
-                num_workers=job.workers,
-                use_gpu=job.gpus_per_worker > 0,
-                resources_per_worker={"CPU": job.cpus_per_worker, **({"GPU": job.gpus_per_worker} if job.gpus_per_worker else {})},
+                num_workers=job.workers, use_gpu=job.gpus_per_worker > 0,
+                resources_per_worker={"CPU": job.cpus_per_worker, **gpus},
             ),
             run_config=ray.train.RunConfig(
                 name=job.name,
@@ -96,7 +184,7 @@ def run_trial(job_dict: dict[str, Any], in_tune: bool = False) -> dict[str, floa
                     checkpoint_score_attribute="val/acc",
                     checkpoint_score_order="max",
                 ),
-                failure_config=ray.train.FailureConfig(max_failures=job.max_failures),
+                failure_config=ray.train.FailureConfig(max_failures=0),  # retries: Tune's layer only (docstring)
                 callbacks=callbacks,
             ),
         )
@@ -106,14 +194,13 @@ def run_trial(job_dict: dict[str, Any], in_tune: bool = False) -> dict[str, floa
         client.set_tag(run_id, "ray.train_run", result.path)
         final = {"best/val_acc": best_metrics["val/acc"], "best/step": best_metrics["step"]}
         if trial.fewshot.enabled:
-            with checkpoint.as_directory() as checkpoint_dir:
-                model = load_model_from_checkpoint(checkpoint_dir)
-            torch.set_num_threads(max(1, job.cpus_per_worker * job.workers))
-            final.update(fewshot_for_model(model, trial.fewshot.train, trial.fewshot.test, shots=trial.fewshot.shots,
-                                           seeds=trial.fewshot.seeds, l2_reg=trial.fewshot.l2_reg))
+            task = ray.remote(fewshot_of_checkpoint).options(
+                num_cpus=job.cpus_per_worker, num_gpus=job.gpus_per_worker, name=f"fewshot:{job.name}")
+            final.update(ray.get(task.remote(checkpoint, job.trial, job.cpus_per_worker)))
         for key, value in final.items():
             client.log_metric(run_id, key, float(value), step=trial.train.steps)
         ok = True
         return final
     finally:
         end_run(client, run_id, ok)
+

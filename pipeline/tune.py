@@ -13,10 +13,10 @@ trial at a time and a cluster runs as many as its CPUs (or GPUs) hold.
 
 from __future__ import annotations
 
-import dataclasses
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import fsspec
 import mlflow.tracking
@@ -28,7 +28,7 @@ from pipeline.plan import TrialPlan, plan_study
 from pipeline.progress import StudyProgress
 from pipeline.spec import StudyError, StudySpec, parse_study
 from pipeline.tracking import end_run, experiment_id, resolve_tracking_uri, study_run
-from pipeline.trial import TrialJob, run_trial
+from pipeline.trial import make_job, run_trial
 
 DEFAULT_STORAGE = "runs"
 # The trial driver needs no CPU: Ray rejects an all-zero request ("empty head"), so ask for a token of memory.
@@ -87,16 +87,8 @@ def default_concurrency(spec: StudySpec) -> int:
 
 
 def _jobs(spec: StudySpec, plans: list[TrialPlan], tracking_uri: str, storage: str, parent_run_id: str) -> list[dict]:
-    r = spec.resources
-    return [
-        dataclasses.asdict(TrialJob(
-            name=p.name, study=spec.name, trial=p.config.model_dump(mode="json"), tracking_uri=tracking_uri,
-            experiment=spec.experiment, storage=_join(storage, spec.name, "train"), workers=r.workers_per_trial,
-            cpus_per_worker=r.cpus_per_worker, gpus_per_worker=r.gpus_per_worker, max_failures=r.max_failures,
-            parent_run_id=parent_run_id, point=p.point,
-        ))
-        for p in plans
-    ]
+    return [make_job(spec, p.name, p.config, p.point, tracking_uri=tracking_uri, storage=storage,
+                     parent_run_id=parent_run_id) for p in plans]
 
 
 def _write_text(url: str, text: str) -> None:
@@ -200,5 +192,6 @@ def _finish(results: tune.ResultGrid, client, parent_run_id: str, write: Callabl
         })
     failed = [r["trial"] for r in rows if r["status"] != "DONE"]
     end_run(client, parent_run_id, ok=not failed)
-    write(f"{len(rows) - len(failed)}/{len(rows)} trials finished" + (f"; failed: {', '.join(failed)}" if failed else ""))
+    failures = f"; failed: {', '.join(failed)}" if failed else ""
+    write(f"{len(rows) - len(failed)}/{len(rows)} trials finished{failures}")
     return rows

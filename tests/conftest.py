@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from workers.data import shards_from_digits
+from workers.shard_writer import shards_from_digits
 
 CLI = [sys.executable, "-m", "pipeline.cli"]
 REPO = Path(__file__).resolve().parents[1]
@@ -34,7 +34,8 @@ def study_dict(study_name: str, data: Path, **sections) -> dict:
     study = {
         "name": study_name,
         "base": {
-            "data": {"train": str(data / "train"), "val": str(data / "val"), "crop_pad": 1},
+            "data": {"train": str(data / "train"), "val": str(data / "val"),
+                     "augment": {"crop": "pad", "pad": 1, "eval_crop_fraction": 1.0}},
             "model": {"variant": "Nano-4"},
             "optim": {"lr": 0.003, "warmup_steps": 10},
             "train": {"steps": 60, "batch_size": 32, "eval_every": 20, "checkpoint_every": 20, "log_every": 10},

@@ -151,7 +151,7 @@ def test_fig3_one_line_per_family_points_per_variant(df):
     fig = figures._build_fig3(df, "fewshot_5shot")
     left, right = fig.axes[:2]
     n = df["fewshot_5shot"].notna().sum()
-    for ax, x in ((left, "train_flops"), (right, "img_per_s_per_core")):
+    for ax in (left, right):
         (line,) = ax.lines  # all variants are family "Mixer": one line through all rows, in x order
         assert line.get_label() == "Mixer" and len(line.get_xdata()) == n
         assert np.all(np.diff(np.asarray(line.get_xdata())) >= 0)

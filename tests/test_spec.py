@@ -10,7 +10,8 @@ import pytest
 from pipeline.plan import format_plan, plan_study
 from pipeline.spec import StudyError, load_study, parse_study, trial_name
 from tests.conftest import REPO, cli_env, run_cli, study_dict, write_study
-from workers.data import fraction_slices, load_manifest
+from workers.fractions import fraction_slices
+from workers.manifest import load_manifest
 
 STUDIES = sorted((REPO / "studies").glob("*.yaml"))
 
@@ -35,8 +36,17 @@ def test_shipped_studies_validate(path: Path) -> None:
         ({"grid": {"model.colour": ["red"]}}, "grid.model.colour: not a recipe field"),
         ({"grid": {"data.fraction": []}}, "empty list"),
         ({"name": "my study!"}, "name: String should match pattern"),
-        ({"resources": {"workers_per_trial": 0}}, "resources.workers_per_trial: Input should be greater than or equal to 1"),
+        ({"resources": {"workers_per_trial": 0}},
+         "resources.workers_per_trial: Input should be greater than or equal to 1"),
         ({"fewshot": {"train": None}}, "give both fewshot.train and fewshot.test"),
+        ({"model": {"head_bias_init": -6.9}, "train": {"loss": "softmax"}},
+         "model.head_bias_init: -6.9 has no effect with train.loss: softmax"),
+        ({"train": {"loss": "hinge"}}, "base.train.loss: Input should be 'sigmoid' or 'softmax'"),
+        ({"resources": {"gpus_per_worker": 2}}, "resources.gpus_per_worker: Input should be less than or equal to 1"),
+        ({"grid": {"data.augment.crop": ["pad", "random"]}}, "grid.data.augment.crop[1] -> data.augment.crop"),
+        ({"grid": {"data.augment.crop": ["inception"]}}, "pad: 1 only applies to crop: pad"),
+        ({"grid": {"data.augment.randaug": [[2, 99]]}}, "randaug must be [num_layers >= 1, magnitude in 0..30]"),
+        ({"optim": {"warmup_steps": 60}}, "optim.warmup_steps (60) must be below train.steps (60)"),
     ],
 )
 def test_bad_fields_name_the_field(tmp_path: Path, change: dict, expected: str) -> None:
@@ -113,3 +123,20 @@ def test_plan_rejects_a_subset_smaller_than_the_readers(digits16: Path) -> None:
     spec = parse_study(study_dict("tiny", digits16, grid={"data.fraction": [0.5, 0.0001]}))
     with pytest.raises(StudyError, match=r"fraction=0.0001: data.fraction 0.0001 selects 1 training sample"):
         plan_study(spec)
+
+
+def test_nested_grid_keys_override_the_base(tmp_path: Path) -> None:
+    raw = study_dict("aug", tmp_path, grid={"data.augment.pad": [1, 2], "optim.linear_end": [0.0, 1e-5]})
+    spec = parse_study(raw)
+    configs = [spec.trial_config(p) for p in spec.grid_points()]
+    assert [(c.data.augment.pad, c.optim.linear_end) for c in configs] == [(1, 0.0), (1, 1e-5), (2, 0.0), (2, 1e-5)]
+    assert all(c.data.augment.crop == "pad" and c.data.augment.eval_crop_fraction == 1.0 for c in configs)
+    assert trial_name(spec.grid_points()[1]) == "pad=1,linear_end=1e-05"
+
+
+def test_plan_rejects_fewshot_shots_larger_than_a_class(digits16: Path) -> None:
+    """The downstream train split capped at 30 samples cannot give 5 examples of each of the 10 digits."""
+    spec = parse_study(study_dict("shots", digits16, fewshot={"shots": [1, 5], "train_samples": 30}))
+    with pytest.raises(StudyError, match=r"fewshot.shots up to 5 need 5 examples of every class .* first 30 samples"):
+        plan_study(spec)
+    plan_study(parse_study(study_dict("shots", digits16, fewshot={"shots": [1, 5], "train_samples": 400})))

@@ -55,7 +55,8 @@ def study(tmp_path_factory, digits16: Path) -> dict:
         if killed_trial:
             break
         time.sleep(1)
-    assert killed_trial, f"no trial checkpointed in time; driver exit {driver.poll()}: {(tmp / 'run.log').read_text()[-3000:]}"
+    log_tail = (tmp / "run.log").read_text()[-3000:]
+    assert killed_trial, f"no trial checkpointed in time; driver exit {driver.poll()}: {log_tail}"
     os.killpg(driver.pid, signal.SIGKILL)  # the driver and the embedded Ray it started
     driver.wait()
     finished_before = _finished_trials(uri)

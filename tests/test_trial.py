@@ -8,8 +8,9 @@ from pathlib import Path
 
 from mlflow.tracking import MlflowClient
 
+from analysis.results import load_study
 from tests.conftest import cli_env, run_cli, study_dict, write_study
-from workers.train import load_model_from_checkpoint
+from workers.checkpoint import load_model
 
 STEPS = 150
 
@@ -50,16 +51,33 @@ def test_two_worker_trial_learns_and_logs(tmp_path: Path, digits16: Path) -> Non
     # The best checkpoint is on disk and loads (weights_only) into a model that matches the run.
     checkpoint = Path(run.data.tags["checkpoint.best"])
     assert checkpoint.is_dir() and checkpoint.name == f"step_{int(metrics['best/step']):08d}"
-    model = load_model_from_checkpoint(checkpoint)
+    model = load_model(checkpoint)
     assert model.variant.name == "Micro-4" and model.image_size == 16
 
     # The standalone few-shot verb on that checkpoint reproduces the logged accuracy (same features, same seeds).
     fewshot = run_cli(["fewshot", "--checkpoint", str(checkpoint), "--data", str(digits16), "--shots", "1", "5",
-                       "--seeds", "2"], cli_env(tmp_path), timeout=300)
+                       "--seeds", "2", "--crop-fraction", "1.0"], cli_env(tmp_path), timeout=300)
     assert fewshot.returncode == 0, fewshot.stderr[-3000:]
     printed = {key.strip(): float(value) for key, value in
                (line.split(":") for line in fewshot.stdout.strip().splitlines())}
     assert abs(printed["fewshot/5shot"] - metrics["fewshot/5shot"]) < 1e-4  # printed with 4 decimals
+
+    # A one-off run is not a study trial: the study's results table (and so its figures) leaves it out.
+    assert run.data.tags["mixer.role"] == "train" and run.data.tags["mixer.attempts"] == "1"
+    assert load_study(uri, "one").empty
+    contexts = [t.value for i in run.inputs.dataset_inputs for t in i.tags if t.key == "mlflow.data.context"]
+    assert sorted(contexts) == ["fewshot-test", "fewshot-train", "train", "val"]  # one input per split
+    for key in ("val/acc", "val/loss", "train/loss"):  # every point once
+        steps = [m.step for m in client.get_metric_history(run.info.run_id, key)]
+        assert len(steps) == len(set(steps)), (key, steps)
+    assert 0 < metrics["perf/mfu"] <= 1.5 and metrics["compute/train_seconds"] < metrics["compute/wall_seconds"]
+
+    # Rerunning the name with an edited recipe is refused before Ray starts (it would resume the old checkpoints).
+    edited = run_cli(["train", "--config", str(study), "--set", "optim.lr=0.01", "--name", "train-base",
+                      "--tracking-uri", uri, "--storage", str(tmp_path / "runs")], cli_env(tmp_path), timeout=120)
+    assert edited.returncode == 2, edited.stderr[-3000:]
+    assert "already exists with a different recipe (optim.lr: 0.003 -> 0.01)" in edited.stderr
+    assert "Traceback" not in edited.stderr and "Ray logs" not in edited.stdout
 
     # Running the same trial again continues it: same MLflow run, nothing retrained past the last step.
     again = run_cli(["train", "--config", str(study), "--tracking-uri", uri, "--storage", str(tmp_path / "runs")],

@@ -16,7 +16,6 @@ from mlflow.tracking import MlflowClient
 from tests.conftest import CLI, REPO, cli_env, free_port
 
 
-
 def _listening_addresses(port: int) -> set[str]:
     """IPv4 addresses with a LISTEN socket on ``port``, from /proc/net/tcp (hex little-endian address:port)."""
     addresses = set()

@@ -7,6 +7,7 @@ any Ray process starts.
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -17,23 +18,66 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+class AugmentConfig(_Strict):
+    """Training-time augmentation (``workers.augment``), named as the paper and big_vision name it.
+
+    big_vision ``configs/mlp_mixer_i1k.py``: ``decode_jpeg_and_inception_crop(224)|flip_lr|randaug(2,15)`` and
+    ``mixup=dict(p=0.5)``; evaluation ``resize_small(256)|central_crop(224)`` (``eval_crop_fraction`` 224/256).
+    """
+
+    crop: Literal["inception", "pad", "none"] = Field(
+        "none",
+        description="inception: random-resized crop (area 5-100 %, aspect 3/4-4/3), as big_vision's inception_crop;"
+        " pad: pad `pad` pixels and crop back at a random offset; none: the eval view (resize + central crop)",
+    )
+    pad: int = Field(0, ge=0, description="pixels of padding for crop: pad")
+    area_min: float = Field(0.05, gt=0.0, le=1.0, description="inception crop: smallest crop area (fraction)")
+    flip: bool = Field(False, description="random horizontal flip (off for digits: a flipped 2 is no 2)")
+    randaug: tuple[int, int] | None = Field(
+        None, description="RandAugment [num_layers, magnitude], e.g. [2, 15] as big_vision; null = off"
+    )
+    mixup: float = Field(0.0, ge=0.0, description="mixup Beta(p, p) parameter (big_vision p=0.5); 0 = off")
+    eval_crop_fraction: float = Field(
+        0.875, gt=0.0, le=1.0,
+        description="evaluation view: resize the shorter side to image_size / this, then central crop image_size"
+        " (big_vision: 224/256 = 0.875; 1.0 = resize only)",
+    )
+
+    @model_validator(mode="after")
+    def _consistent(self) -> AugmentConfig:
+        if self.crop == "pad" and self.pad == 0:
+            raise ValueError("crop: pad needs pad > 0 (pixels of padding)")
+        if self.crop != "pad" and self.pad:
+            raise ValueError(f"pad: {self.pad} only applies to crop: pad, but crop is {self.crop!r}")
+        if self.randaug is not None and (self.randaug[0] < 1 or not 0 <= self.randaug[1] <= 30):
+            raise ValueError(f"randaug must be [num_layers >= 1, magnitude in 0..30], got {list(self.randaug)}")
+        return self
+
+
 class DataConfig(_Strict):
     """Upstream (pre-training) data: WebDataset shards described by a manifest per split."""
 
     train: str = Field(description="manifest URL (or its folder) of the training split; any fsspec URL")
     val: str = Field(description="manifest URL of the upstream validation split (early stopping)")
     fraction: float = Field(1.0, gt=0.0, le=1.0, description="nested subset of the training split")
-    crop_pad: int = Field(0, ge=0, description="random-crop augmentation: pad this many pixels, crop back")
-    flip: bool = Field(False, description="random horizontal flip (off for digits: a flipped 2 is no 2)")
+    image_size: int | None = Field(
+        None, gt=0, description="resolution the model sees; default: the train manifest's image_size"
+    )
+    augment: AugmentConfig = AugmentConfig()
     shuffle_buffer: int = Field(256, ge=1)
     loader_workers: int = Field(0, ge=0, description="DataLoader processes per training worker")
 
 
 class ModelConfig(_Strict):
-    variant: str = Field(description="a name from `mixer-study models`, e.g. B-16 or Micro-4")
-    stoch_depth: float = Field(0.0, ge=0.0, lt=1.0)
-    dropout: float = Field(0.0, ge=0.0, lt=1.0)
-    head_bias_init: float = 0.0
+    variant: str = Field(
+        description="SIZE/PATCH or SIZE-PATCH, SIZE in workers.model.SIZES: e.g. B/16, B-16, Micro-4, S/8"
+    )
+    stoch_depth: float = Field(0.0, ge=0.0, lt=1.0, description="drop rate of the last block (big_vision 0.1)")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="dropout on pre_logits before the head")
+    head_bias_init: float | None = Field(
+        None, description="initial head bias; default -log(num_classes) with the sigmoid loss (big_vision -6.9"
+        " for 1000 classes), 0 with softmax (where a constant bias changes nothing, so only 0 is allowed)",
+    )
 
     @field_validator("variant")
     @classmethod
@@ -44,11 +88,21 @@ class ModelConfig(_Strict):
 
 
 class OptimConfig(_Strict):
-    """AdamW with decoupled weight decay on kernels only, linear warm-up then linear decay to 0."""
+    """Adam + big_vision's decoupled weight decay on kernels, warm-up from 0 then linear decay (workers.optim).
+
+    Per step t with schedule multiplier s(t) (0 -> 1 over warmup_steps, then linearly down to linear_end):
+    ``theta -= s(t) * (lr * adam(g) + weight_decay * theta)`` (the decay term on kernels only), as big_vision's
+    ``optax.py`` chains scale_by_adam -> scale(lr) -> add_decayed_weights(wd) -> scale_by_schedule.
+    """
 
     lr: float = Field(1e-3, gt=0.0)
-    warmup_steps: int = Field(0, ge=0)
-    weight_decay: float = Field(1e-4, ge=0.0)
+    warmup_steps: int = Field(0, ge=0, description="linear warm-up of the schedule multiplier from 0")
+    linear_end: float = Field(
+        1e-5, ge=0.0, le=1.0, description="schedule multiplier at the last step (big_vision linear_end 1e-5)"
+    )
+    weight_decay: float = Field(
+        1e-4, ge=0.0, description="big_vision wd: kernels shrink by weight_decay x s(t) per step, NOT x lr"
+    )
     b1: float = Field(0.9, ge=0.0, lt=1.0)
     b2: float = Field(0.999, ge=0.0, lt=1.0)
     grad_clip: float = Field(1.0, gt=0.0, description="clip gradients at this global L2 norm")
@@ -60,14 +114,18 @@ class TrainConfig(_Strict):
     eval_every: int = Field(gt=0, description="validate on the val split every this many steps")
     checkpoint_every: int = Field(gt=0, description="checkpoint every this many steps (a multiple of eval_every)")
     log_every: int = Field(10, gt=0, description="log train loss/lr/throughput every this many steps")
+    loss: Literal["sigmoid", "softmax"] = Field(
+        "sigmoid", description="sigmoid: big_vision's sigmoid_xent (per-class BCE summed over classes, batch mean);"
+        " softmax: softmax cross-entropy"
+    )
     precision: Literal["auto", "bf16", "fp32"] = Field(
         "auto", description="bf16 autocast, fp32, or auto: bf16 where the hardware runs it fast (workers.precision)"
     )
-    seed: int = 0
+    seed: int = Field(0, description="seeds the weight init, the data order, augmentation and mixup")
     keep_checkpoints: int = Field(2, ge=1, description="best checkpoints (by val/acc) kept on storage")
 
     @model_validator(mode="after")
-    def _cadence(self) -> "TrainConfig":
+    def _cadence(self) -> TrainConfig:
         if self.checkpoint_every % self.eval_every:
             raise ValueError(
                 f"checkpoint_every ({self.checkpoint_every}) must be a multiple of eval_every ({self.eval_every}):"
@@ -84,6 +142,10 @@ class FewshotConfig(_Strict):
     shots: tuple[int, ...] = (1, 5, 10, 25)
     seeds: int = Field(3, ge=1)
     l2_reg: float = Field(2.0**10, gt=0.0)
+    train_samples: int | None = Field(
+        65_000, gt=0, description="use the first N samples of the downstream train split (big_vision's"
+        " 'train[:65000]' for ImageNet); null = all",
+    )
 
     @field_validator("shots")
     @classmethod
@@ -93,7 +155,7 @@ class FewshotConfig(_Strict):
         return tuple(sorted(set(shots)))
 
     @model_validator(mode="after")
-    def _both_or_neither(self) -> "FewshotConfig":
+    def _both_or_neither(self) -> FewshotConfig:
         if (self.train is None) != (self.test is None):
             raise ValueError("give both fewshot.train and fewshot.test, or neither (no few-shot evaluation)")
         return self
@@ -109,6 +171,26 @@ class TrialConfig(_Strict):
     optim: OptimConfig = OptimConfig()
     train: TrainConfig
     fewshot: FewshotConfig = FewshotConfig()
+
+    @model_validator(mode="after")
+    def _head_bias_needs_sigmoid(self) -> TrialConfig:
+        if self.train.loss == "softmax" and self.model.head_bias_init not in (None, 0.0):
+            raise ValueError(
+                f"model.head_bias_init: {self.model.head_bias_init} has no effect with train.loss: softmax (a"
+                " constant added to every logit cancels in the softmax); use train.loss: sigmoid or drop it"
+            )
+        if self.optim.warmup_steps >= self.train.steps > 1:
+            raise ValueError(
+                f"optim.warmup_steps ({self.optim.warmup_steps}) must be below train.steps ({self.train.steps})"
+            )
+        return self
+
+
+def head_bias(model: ModelConfig, loss: str, num_classes: int) -> float:
+    """The initial head bias: the configured one, else -log(C) for sigmoid (initial p = 1/C) and 0 for softmax."""
+    if model.head_bias_init is not None:
+        return model.head_bias_init
+    return -math.log(num_classes) if loss == "sigmoid" and num_classes > 1 else 0.0
 
 
 def flatten(config: BaseModel, prefix: str = "") -> dict[str, object]:

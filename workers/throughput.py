@@ -1,4 +1,5 @@
-"""Inference throughput as the paper measures it: images/s per core, sweeping the batch size, best one reported."""
+"""Inference throughput as the paper measures it (images/s per core, sweeping the batch size, best one reported),
+and the device peak that ``perf/mfu`` divides by."""
 
 from __future__ import annotations
 
@@ -42,3 +43,46 @@ def inference_throughput(
         best = max(best, (calls * batch_size / elapsed, batch_size))
     model.train(was_training)
     return best
+
+
+# Dense peak FLOP/s from the vendors' spec sheets (no sparsity), by a substring of torch.cuda.get_device_name().
+# bf16 uses the tensor cores; fp32 is the non-tensor-core rate (torch keeps fp32 matmuls in fp32 by default).
+GPU_PEAK_FLOPS = {
+    "H200": {"bf16": 989e12, "fp32": 67e12},
+    "H100": {"bf16": 989e12, "fp32": 67e12},  # SXM; the PCIe card is lower (756e12 / 51e12)
+    "A100": {"bf16": 312e12, "fp32": 19.5e12},
+    "L4": {"bf16": 121e12, "fp32": 30.3e12},
+}
+MATMUL_SIZE = 1024
+
+
+def measured_matmul_flops(precision: str, threads: int, device: torch.device | None = None,
+                          size: int = MATMUL_SIZE, seconds: float = 0.3) -> float:
+    """FLOP/s of a square ``size`` matmul on ``device`` (CPU: with ``threads`` threads) in the training dtype: the
+    ceiling a Mixer step (nothing but matmuls, plus O(S·C) element-wise work) can approach there."""
+    device = device or torch.device("cpu")
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+        a, b = (torch.randn(size, size, dtype=dtype, device=device) for _ in range(2))
+        a @ b  # warm-up
+        calls, start = 0, time.perf_counter()
+        while (elapsed := time.perf_counter() - start) < seconds or calls < 2:
+            a @ b
+            calls += 1
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+        return 2.0 * size**3 * calls / elapsed
+    finally:
+        torch.set_num_threads(previous)
+
+
+def peak_flops(device: torch.device, precision: str, threads: int) -> float:
+    """The per-device peak for MFU: the spec sheet for known GPUs, else a measured matmul rate (CPU)."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for key, peaks in GPU_PEAK_FLOPS.items():
+            if key in name:
+                return peaks["bf16" if precision == "bf16" else "fp32"]
+    return measured_matmul_flops(precision, threads, device)

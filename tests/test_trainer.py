@@ -1,0 +1,106 @@
+"""The Trainer driven in-process, without Ray: seeds, the step loop's reporting cadence, checkpoints, resume and
+compute accounting, on real digits shards."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+
+from workers.checkpoint import load_model, read_state, write_checkpoint
+from workers.config import TrialConfig
+from workers.trainer import Trainer
+
+
+def _config(data: Path, **train) -> TrialConfig:
+    return TrialConfig.model_validate({
+        "data": {"train": str(data / "train"), "val": str(data / "val"),
+                 "augment": {"crop": "pad", "pad": 1, "eval_crop_fraction": 1.0}},
+        "model": {"variant": "Nano-4"},
+        "optim": {"lr": 0.003, "warmup_steps": 5},
+        "train": {"steps": 40, "batch_size": 32, "eval_every": 10, "checkpoint_every": 20, "log_every": 5, **train},
+    })
+
+
+def test_seed_fixes_init_and_data_order(digits16: Path) -> None:
+    a, b, c = (Trainer(_config(digits16, seed=s)) for s in (0, 0, 1))
+    torch.testing.assert_close(a.module.state_dict(), b.module.state_dict(), rtol=0, atol=0)
+    assert not torch.equal(a.module.stem.weight, c.module.stem.weight)
+    (xa, ya), (xb, yb), (xc, yc) = (next(t.train_batches()) for t in (a, b, c))
+    assert torch.equal(xa, xb) and torch.equal(ya, yb)
+    assert not torch.equal(ya, yc)
+
+
+def test_fit_reports_checkpoints_and_resumes(digits16: Path, tmp_path: Path) -> None:
+    trainer = Trainer(_config(digits16))
+    reports, logged = [], []
+    trainer.log = lambda metrics, step: logged.append((step, metrics))
+
+    def report(metrics: dict, with_checkpoint: bool) -> None:
+        reports.append((metrics, with_checkpoint))
+        if with_checkpoint:
+            write_checkpoint(tmp_path / f"step_{metrics['step']}", trainer.module, trainer.state_dict())
+
+    trainer.fit(report)
+    assert [(m["step"], ckpt) for m, ckpt in reports] == [(10, False), (20, True), (30, False), (40, True)]
+    final = reports[-1][0]
+    assert final["val/loss"] < reports[0][0]["val/loss"]
+    assert final["compute/images_seen"] == 40 * 32 and final["compute/train_flops"] > 0
+    assert 0 < final["compute/train_seconds"] < final["compute/wall_seconds"]  # eval/checkpoint time excluded
+    assert final["compute/cpu_seconds"] > 0
+    assert final["best/step"] in (20, 40) and final["best/val_acc"] == max(m["val/acc"] for m, c in reports if c)
+    train_steps = [step for step, m in logged if "train/loss" in m]
+    assert train_steps == list(range(5, 41, 5))
+    assert all(math.isfinite(m["train/loss"]) for _, m in logged if "train/loss" in m)
+
+    # The checkpoint rebuilds the model without Ray, and a new Trainer resumes from it at step 20.
+    model = load_model(tmp_path / "step_40")
+    torch.testing.assert_close(model.state_dict(), trainer.module.state_dict(), rtol=0, atol=0)
+    resumed = Trainer(_config(digits16))
+    state = read_state(tmp_path / "step_20")
+    resumed.load_state_dict(state)
+    assert resumed.progress.step == 20 and resumed.progress.cpu_seconds == state["progress"]["cpu_seconds"] > 0
+    again = []
+    resumed.fit(lambda metrics, ckpt: again.append(metrics))
+    assert [m["step"] for m in again] == [30, 40]
+    assert again[-1]["compute/images_seen"] == 40 * 32
+    assert again[-1]["compute/cpu_seconds"] > state["progress"]["cpu_seconds"]  # earlier segments carried over
+
+
+def test_paper_augmentation_and_mixup_step(digits16: Path) -> None:
+    config = TrialConfig.model_validate({
+        "data": {"train": str(digits16 / "train"), "val": str(digits16 / "val"), "image_size": 16,
+                 "augment": {"crop": "inception", "flip": True, "randaug": [2, 15], "mixup": 0.5}},
+        "model": {"variant": "Nano-4", "stoch_depth": 0.1},
+        "train": {"steps": 3, "batch_size": 8, "eval_every": 3, "checkpoint_every": 3, "loss": "sigmoid"},
+    })
+    trainer = Trainer(config)
+    assert float(trainer.module.head.bias.detach()[0]) == torch.tensor(-math.log(10)).float().item()
+    images, labels = next(trainer.train_batches())
+    assert images.shape == (8, 3, 16, 16) and images.min() >= -1 and images.max() <= 1
+    loss, grad_norm = trainer.train_step(images, labels)
+    assert math.isfinite(float(loss)) and float(grad_norm) > 0
+
+
+def test_cpu_accounting_includes_child_processes() -> None:
+    """compute/cpu_seconds counts DataLoader processes: a child burning CPU shows up, the parent's own time not."""
+    import subprocess
+    import sys
+    import time
+
+    from workers.trainer import process_tree_cpu_seconds
+
+    before, own_before = process_tree_cpu_seconds(), time.process_time()
+    child = subprocess.Popen([sys.executable, "-c", "import time\nend = time.process_time() + 0.6\n"
+                              "while time.process_time() < end: pass\ntime.sleep(5)"])
+    try:
+        deadline = time.monotonic() + 20
+        while process_tree_cpu_seconds() - before < 0.5 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert process_tree_cpu_seconds() - before >= 0.5  # the live child's CPU time
+    finally:
+        child.kill()
+        child.wait()
+    assert time.process_time() - own_before < 0.5
+    assert process_tree_cpu_seconds() - before >= 0.5  # still counted once the child is reaped (RUSAGE_CHILDREN)

@@ -1,0 +1,63 @@
+"""Checkpoint folders: what a trial saves, and rebuilding a model from one. Imports no Ray.
+
+A checkpoint is a folder with two files::
+
+    model.json   {"variant", "image_size", "num_classes", "head_bias_init"}: enough to rebuild the module
+    state.pt     {"model": state_dict, "trainer": Trainer.state_dict() minus the model}  (torch.save)
+
+``report`` and ``fewshot`` rebuild figures and features from checkpoints with this module alone, so they work
+without Ray (or on a laptop, from checkpoints copied off a cluster). Files are written under a temporary name and
+renamed, so a folder never holds a half-written ``state.pt`` under its real name.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from workers.model import MlpMixer
+
+STATE_FILE = "state.pt"
+MODEL_FILE = "model.json"
+
+
+def model_spec(model: MlpMixer) -> dict[str, Any]:
+    """The constructor arguments that rebuild ``model`` (config saved with the weights, as timm does)."""
+    return {"variant": model.variant.name, "image_size": model.image_size, "num_classes": model.num_classes}
+
+
+def write_checkpoint(folder: str | Path, model: MlpMixer, state: dict[str, Any]) -> None:
+    """Write ``model.json`` and ``state.pt`` (``state`` must hold ``"model"``: the state_dict) into ``folder``."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, write in ((MODEL_FILE, lambda f: f.write(json.dumps(model_spec(model)).encode())),
+                        (STATE_FILE, lambda f: torch.save(state, f))):
+        partial = folder / f".{name}.partial"
+        with open(partial, "wb") as f:
+            write(f)
+        os.replace(partial, folder / name)
+
+
+def read_state(folder: str | Path) -> dict[str, Any]:
+    """The saved state (tensors on CPU), loaded with ``weights_only=True``: no code runs from a checkpoint."""
+    path = Path(folder) / STATE_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"no {STATE_FILE} in checkpoint folder {folder}")
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def load_model(folder: str | Path) -> MlpMixer:
+    """Rebuild the trained model from a checkpoint folder (eval mode, CPU)."""
+    folder = Path(folder)
+    try:
+        spec = json.loads((folder / MODEL_FILE).read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(
+            f"no {MODEL_FILE} in checkpoint folder {folder}: not a mixer-study checkpoint") from None
+    model = MlpMixer(spec["variant"], image_size=spec["image_size"], num_classes=spec["num_classes"])
+    model.load_state_dict(read_state(folder)["model"])
+    return model.eval()
