@@ -64,6 +64,12 @@ class DataConfig(_Strict):
         None, gt=0, description="resolution the model sees; default: the train manifest's image_size"
     )
     augment: AugmentConfig = AugmentConfig()
+    permute: Literal["none", "patches", "pixels"] = Field(
+        "none", description="the paper's Fig. 4 input permutations, one fixed permutation for every image and split:"
+        " patches = shuffle the order of the PxP patches and permute the pixels inside each patch (one shared"
+        " permutation); pixels = permute the pixels of the whole image",
+    )
+    permute_seed: int = Field(0, description="seed of the fixed permutation of data.permute")
     shuffle_buffer: int = Field(256, ge=1)
     loader_workers: int = Field(0, ge=0, description="DataLoader processes per training worker")
 
@@ -165,12 +171,60 @@ class FewshotConfig(_Strict):
         return self.train is not None
 
 
+class FinetuneConfig(_Strict):
+    """Fine-tuning after pre-training, as the paper's §3: momentum SGD 0.9, no weight decay, clip 1, cosine schedule
+    with linear warm-up, a fresh zero-initialised head, softmax cross-entropy; top-1 on the downstream test split."""
+
+    train: str | None = Field(
+        None, description="manifest URL of the downstream fine-tuning split; null = no fine-tuning"
+    )
+    test: str | None = Field(None, description="manifest URL of the downstream test split (finetune/top1)")
+    steps: int = Field(500, gt=0)
+    batch_size: int = Field(512, gt=0, description="global batch (paper: 512)")
+    lr: tuple[float, ...] = Field(
+        (0.003, 0.01, 0.03), description="one value, or several: a small sweep, the best by test top-1 is kept"
+        " (big_vision's transfer configs sweep 0.003/0.01/0.03)",
+    )
+    warmup_steps: int = Field(50, ge=0)
+    momentum: float = Field(0.9, ge=0.0, lt=1.0)
+    grad_clip: float = Field(1.0, gt=0.0)
+    image_size: int | None = Field(
+        None, gt=0, description="fine-tuning resolution; default the pre-training one. Mixer: a multiple K of it"
+        " (token-mixing weights grow block-diagonally, Supplementary C)",
+    )
+
+    @field_validator("lr", mode="before")
+    @classmethod
+    def _one_or_many(cls, value):
+        return (value,) if isinstance(value, (int, float)) else value
+
+    @field_validator("lr")
+    @classmethod
+    def _positive(cls, lrs: tuple[float, ...]) -> tuple[float, ...]:
+        if not lrs or any(lr <= 0 for lr in lrs):
+            raise ValueError(f"lr must be a positive number or a non-empty list of them, got {list(lrs)}")
+        return lrs
+
+    @model_validator(mode="after")
+    def _both_or_neither(self) -> FinetuneConfig:
+        if (self.train is None) != (self.test is None):
+            raise ValueError("give both finetune.train and finetune.test, or neither (no fine-tuning)")
+        if self.warmup_steps >= self.steps:
+            raise ValueError(f"finetune.warmup_steps ({self.warmup_steps}) must be below finetune.steps ({self.steps})")
+        return self
+
+    @property
+    def enabled(self) -> bool:
+        return self.train is not None
+
+
 class TrialConfig(_Strict):
     data: DataConfig
     model: ModelConfig
     optim: OptimConfig = OptimConfig()
     train: TrainConfig
     fewshot: FewshotConfig = FewshotConfig()
+    finetune: FinetuneConfig = FinetuneConfig()
 
     @model_validator(mode="after")
     def _head_bias_needs_sigmoid(self) -> TrialConfig:
