@@ -19,18 +19,19 @@ from typing import Any
 
 import torch
 
-from workers.model import MlpMixer
+from workers.registry import Model, build_model
 
 STATE_FILE = "state.pt"
 MODEL_FILE = "model.json"
 
 
-def model_spec(model: MlpMixer) -> dict[str, Any]:
-    """The constructor arguments that rebuild ``model`` (config saved with the weights, as timm does)."""
+def model_spec(model: Model) -> dict[str, Any]:
+    """The constructor arguments that rebuild ``model`` (config saved with the weights, as timm does). The variant's
+    canonical name names its family too ("B-16" Mixer, "ViT-B/16", "BiT-R50x1"), so the format needs no family key."""
     return {"variant": model.variant.name, "image_size": model.image_size, "num_classes": model.num_classes}
 
 
-def write_checkpoint(folder: str | Path, model: MlpMixer, state: dict[str, Any]) -> None:
+def write_checkpoint(folder: str | Path, model: Model, state: dict[str, Any]) -> None:
     """Write ``model.json`` and ``state.pt`` (``state`` must hold ``"model"``: the state_dict) into ``folder``."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -50,14 +51,14 @@ def read_state(folder: str | Path) -> dict[str, Any]:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def load_model(folder: str | Path) -> MlpMixer:
-    """Rebuild the trained model from a checkpoint folder (eval mode, CPU)."""
+def load_model(folder: str | Path) -> Model:
+    """Rebuild the trained model, of any family, from a checkpoint folder (eval mode, CPU)."""
     folder = Path(folder)
     try:
         spec = json.loads((folder / MODEL_FILE).read_text())
     except FileNotFoundError:
         raise FileNotFoundError(
             f"no {MODEL_FILE} in checkpoint folder {folder}: not a mixer-study checkpoint") from None
-    model = MlpMixer(spec["variant"], image_size=spec["image_size"], num_classes=spec["num_classes"])
+    model = build_model(spec["variant"], image_size=spec["image_size"], num_classes=spec["num_classes"])
     model.load_state_dict(read_state(folder)["model"])
     return model.eval()

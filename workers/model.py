@@ -74,10 +74,11 @@ class MixerVariant:
 
     ``size`` is the key in ``SIZES`` ("B"; "" for a hand-built variant outside the table). ``family`` is the
     model family, the same for every Mixer: figures draw one line per family and order variants by family,
-    ``size_rank`` and decreasing patch size (other families, e.g. ViT or BiT, would bring their own class).
+    ``size_rank`` and decreasing patch size (ViT and BiT have their own classes: ``workers.registry``).
     """
 
     family: ClassVar[str] = "Mixer"
+    kind: ClassVar[str] = "Mixer"  # the paper's figures group models as Mixer, attention (ViT), convolution (BiT)
 
     name: str
     num_blocks: int

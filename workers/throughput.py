@@ -7,12 +7,12 @@ import time
 
 import torch
 
-from workers.model import MlpMixer
+from workers.registry import Model
 
 
 @torch.inference_mode()
 def inference_throughput(
-    model: MlpMixer,
+    model: Model,
     batch_sizes: tuple[int, ...] = (1, 8, 32, 128),
     seconds_per_batch_size: float = 0.5,
     precision: str = "bf16",
