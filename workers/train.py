@@ -1,4 +1,5 @@
-"""The per-worker function Ray Train's ``TorchTrainer`` runs: a thin shell around :class:`workers.trainer.Trainer`.
+"""The per-worker functions Ray Train's ``TorchTrainer`` runs: thin shells around :class:`workers.trainer.Trainer`
+(pre-training, ``train_loop_per_worker``) and :class:`workers.finetune.FineTuner` (``finetune_loop_per_worker``).
 
 It adds only what Ray provides: the DDP group (``prepare_model``), the device, the checkpoint to resume from,
 and ``ray.train.report`` (rank 0 uploads the checkpoint folder written by ``workers.checkpoint``). Ray keeps the
@@ -8,24 +9,38 @@ worker group resumes.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import ray.train
 import ray.train.torch
+from torch import nn
 
-from workers.checkpoint import read_state, write_checkpoint
+from workers.checkpoint import load_model, read_state, write_checkpoint
 from workers.config import TrialConfig
+from workers.finetune import FineTuner
+from workers.registry import build_model
 from workers.throughput import inference_throughput, peak_flops
 from workers.trainer import Trainer
 
 log = logging.getLogger(__name__)
 
 
-def train_loop_per_worker(config: dict[str, Any]) -> None:
+# Evaluates the best model on rank 0 after training (the pipeline passes the linear few-shot): metrics to report.
+EvaluateBest = Callable[[nn.Module, TrialConfig], dict[str, float]]
+
+
+def train_loop_per_worker(config: dict[str, Any], evaluate_best: EvaluateBest | None = None) -> None:
     """Ray Train entry point. ``config``: {"trial": TrialConfig dict, "mlflow": {"tracking_uri", "run_id",
-    "system_metrics"} | None, "cpus_per_worker": int, "measure_throughput": bool}."""
+    "system_metrics"} | None, "cpus_per_worker": int, "measure_throughput": bool}.
+
+    ``evaluate_best`` runs on rank 0 with the worker's reserved cores before the worker group exits (no extra
+    process, no resources taken from the next trial); its metrics go to MLflow and, in a last report, to the driver.
+    """
     trial = TrialConfig.model_validate(config["trial"])
     ctx = ray.train.get_context()
     rank, world_size = ctx.get_world_rank(), ctx.get_world_size()
@@ -38,14 +53,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
         tracker = RunLogger(**config["mlflow"])
     try:
-        _train(trial, config, rank, world_size, device, cores, tracker)
+        _train(trial, config, rank, world_size, device, cores, tracker, evaluate_best)
     finally:
         if tracker:
             tracker.close()  # flushes, and stops the system-metrics sampler even when training failed
 
 
 def _train(trial: TrialConfig, config: dict[str, Any], rank: int, world_size: int, device, cores: int,
-           tracker) -> None:
+           tracker, evaluate_best: EvaluateBest | None) -> None:
     trainer = Trainer(trial, rank=rank, world_size=world_size, device=device, cores=cores,
                       wrap_model=ray.train.torch.prepare_model, log=tracker.log if tracker else None)
     checkpoint = ray.train.get_checkpoint()  # the latest reported one when Ray restarts or resumes this run
@@ -77,6 +92,27 @@ def _train(trial: TrialConfig, config: dict[str, Any], rank: int, world_size: in
             metrics.update({"perf/img_per_s_per_core": best / (cores if device.type == "cpu" else 1),
                             "perf/best_batch_size": batch})
         tracker.log(metrics, trial.train.steps)
+    if evaluate_best is None:
+        return
+    final = evaluate_best(best_model(trainer), trial) if rank == 0 else {}
+    # Every rank reports (a barrier); the driver logs rank 0's metrics from the run's result, once.
+    ray.train.report(final)
+
+
+def best_model(trainer: Trainer) -> nn.Module:
+    """The model at the best checkpointed step: from memory when this segment reached it, else read back from the
+    run's storage (a resumed run whose best checkpoint came from an earlier segment). Eval mode, on the device."""
+    if trainer.best_state is not None:
+        model = build_model(trainer.module.variant, trainer.image_size, trainer.num_classes)
+        model.load_state_dict(trainer.best_state)
+    else:
+        from ray.train.v2._internal.execution.context import get_train_context  # no public API for this path
+
+        storage = get_train_context().get_storage()
+        path = storage.build_checkpoint_path_from_name(f"step_{trainer.progress.best_step:08d}")
+        with ray.train.Checkpoint(path, filesystem=storage.storage_filesystem).as_directory() as folder:
+            model = load_model(folder)
+    return model.to(trainer.device).eval()
 
 
 def mfu(trainer: Trainer, peak: float) -> float:
@@ -86,3 +122,74 @@ def mfu(trainer: Trainer, peak: float) -> float:
     """
     per_worker_images = trainer.progress.step * trainer.trial.train.batch_size / trainer.world_size
     return trainer.flops_per_image * per_worker_images / max(trainer.progress.train_seconds, 1e-9) / peak
+
+
+# -- fine-tuning -----------------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _checkpoint_folder(checkpoint: str | Path | ray.train.Checkpoint) -> Iterator[str]:
+    """A local folder holding ``checkpoint`` (a path, or a Ray Checkpoint on any storage) while the block runs."""
+    if isinstance(checkpoint, ray.train.Checkpoint):
+        with checkpoint.as_directory() as folder:
+            yield folder
+    else:
+        yield str(checkpoint)
+
+
+def finetune_loop_per_worker(config: dict[str, Any]) -> None:
+    """Ray Train entry point of one fine-tuning run (one learning rate). ``config``: {"trial": TrialConfig dict
+    (its ``finetune`` block enabled), "pretrained": checkpoint folder path or ``ray.train.Checkpoint``, "lr": float,
+    "mlflow": {"tracking_uri", "run_id", "system_metrics"} | None, "metric_suffix": str appended to every metric
+    rank 0 logs to MLflow (``_lr0.01``: runs of a sweep share the trial's run), "cpus_per_worker": int}.
+
+    Resumes from ``ray.train.get_checkpoint()`` (the run's latest checkpoint when Ray restarts or resumes it);
+    reports every ``max(finetune.steps // 4, 1)`` steps with a checkpoint, rank 0 uploading it, as the
+    pre-training loop does. The last report carries ``finetune/top1`` and ``compute/finetune_flops``.
+    """
+    trial = TrialConfig.model_validate(config["trial"])
+    ctx = ray.train.get_context()
+    rank, world_size = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    cores = max(1, int(config.get("cpus_per_worker", 1)))
+    tracker = None
+    if rank == 0 and config.get("mlflow"):
+        from workers.track import RunLogger
+
+        tracker = RunLogger(**config["mlflow"])
+    try:
+        _finetune(trial, config, rank, world_size, device, cores, tracker)
+    finally:
+        if tracker:
+            tracker.close()
+
+
+def _finetune(trial: TrialConfig, config: dict[str, Any], rank: int, world_size: int, device, cores: int,
+              tracker) -> None:
+    suffix = config.get("metric_suffix", "")
+
+    def log_metrics(metrics: dict[str, float], step: int) -> None:
+        tracker.log({f"{key}{suffix}": value for key, value in metrics.items()}, step)
+
+    with _checkpoint_folder(config["pretrained"]) as folder:  # read once, in the constructor
+        tuner = FineTuner(folder, trial, float(config["lr"]), rank=rank, world_size=world_size, device=device,
+                          cores=cores, wrap_model=ray.train.torch.prepare_model,
+                          log=log_metrics if tracker else None)
+    checkpoint = ray.train.get_checkpoint()  # this fine-tuning run's latest, when Ray restarts or resumes it
+    if checkpoint is not None:
+        with checkpoint.as_directory() as folder:
+            tuner.load_state_dict(read_state(folder))
+        log.info("rank %d resumes fine-tuning from step %d", rank, tuner.progress.step)
+
+    def report(metrics: dict[str, float], with_checkpoint: bool) -> None:
+        if tracker:
+            tracker.flush()
+        if rank != 0 or not with_checkpoint:  # DDP replicas are identical: rank 0's copy is the checkpoint
+            ray.train.report(metrics, checkpoint=None)
+            return
+        with tempfile.TemporaryDirectory() as folder:
+            write_checkpoint(folder, tuner.module, tuner.state_dict())
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder),
+                             checkpoint_dir_name=f"step_{tuner.progress.step:08d}")
+
+    tuner.fit(report)

@@ -1,0 +1,113 @@
+"""A trial's fine-tuning stage: one ``TorchTrainer(workers.train.finetune_loop_per_worker)`` per learning rate of
+``finetune.lr``, each from the trial's best pre-training checkpoint, the best learning rate by top-1 kept.
+
+Runs inside the trial driver (``pipeline.trial.run_trial``) after pre-training, on the same ``ScalingConfig`` (the
+workers the pre-training run held are free again by then), so it uses the trial's resources and nothing more.
+Each learning rate is its own Ray Train run ``<trial>-finetune-lr<lr>`` in the trial's storage: Ray Train V2
+resumes a run by name, so a retried or resumed trial continues each fine-tuning run from its latest checkpoint
+(one finished already only re-evaluates its final checkpoint). Ray Train's own retry is off, as for pre-training:
+retries are Tune's one layer (see ``pipeline.trial``).
+
+Metrics (returned; the caller logs them to the trial's MLflow run):
+
+* ``finetune/top1``: the best top-1 over the sweep (downstream test split), ``finetune/best_lr``, and
+  ``finetune/top1_lr<lr>`` for every learning rate (``<lr>`` formatted with ``:g``: ``0.003``, ``0.01``);
+* ``finetune/image_size``: the fine-tuning resolution; when ``finetune.image_size`` is set, the best top-1 is
+  also logged as ``finetune/top1_<N>px`` (e.g. ``finetune/top1_384px``): the unsuffixed name stays the one the
+  analysis reads, and the named copy keeps runs at different resolutions apart in the MLflow UI;
+* ``compute/finetune_flops`` (3 x forward FLOPs at the fine-tuning resolution x images, summed over the sweep:
+  the compute the stage cost, kept apart from ``compute/train_flops``), ``compute/finetune_core_seconds`` and
+  ``compute/finetune_seconds``, summed likewise.
+
+Training curves are logged by rank 0 of each run with the suffix ``_lr<lr>`` (``finetune/train_loss_lr0.01``),
+so the runs of a sweep do not overwrite each other's points in the trial's single MLflow run.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import ray.train
+from mlflow.tracking import MlflowClient
+from ray.train.torch import TorchTrainer
+
+from workers.config import TrialConfig
+from workers.train import finetune_loop_per_worker
+
+log = logging.getLogger(__name__)
+
+SUMMED = ("compute/finetune_flops", "compute/finetune_core_seconds", "compute/finetune_seconds")
+
+
+def lr_tag(lr: float) -> str:
+    """``lr0.003``: how a learning rate appears in run and metric names."""
+    return f"lr{lr:g}"
+
+
+def finetune_run_name(trial_name: str, lr: float) -> str:
+    """The Ray Train run name of one fine-tuning run (deterministic, so a restarted trial resumes it)."""
+    return f"{trial_name}-finetune-{lr_tag(lr)}"
+
+
+def _checkpoint_uri(checkpoint: ray.train.Checkpoint) -> str:
+    kind = checkpoint.filesystem.type_name
+    return checkpoint.path if kind == "local" else f"{kind}://{checkpoint.path}"
+
+
+def run_finetune(job: dict[str, Any], checkpoint: ray.train.Checkpoint, client: MlflowClient,
+                 run_id: str) -> dict[str, float]:
+    """Fine-tune ``checkpoint`` once per ``finetune.lr`` and return the stage's metrics (module docstring).
+
+    ``job``: the trial's job dict (``pipeline.trial.TrialJob`` fields: name, trial, storage, workers,
+    cpus_per_worker, gpus_per_worker, tracking_uri, system_metrics). ``client``/``run_id``: the trial's MLflow
+    run, which gets the tags ``finetune.best_lr``, ``finetune.checkpoint`` (the best run's final checkpoint) and
+    ``ray.finetune_run``. Returns {} when the trial has no ``finetune`` block.
+    """
+    trial = TrialConfig.model_validate(job["trial"])
+    ft = trial.finetune
+    if not ft.enabled:
+        return {}
+    gpus = {"GPU": job["gpus_per_worker"]} if job.get("gpus_per_worker") else {}
+    scaling = ray.train.ScalingConfig(
+        num_workers=job["workers"], use_gpu=bool(gpus), resources_per_worker={"CPU": job["cpus_per_worker"], **gpus},
+    )
+    mlflow = {"tracking_uri": job["tracking_uri"], "run_id": run_id,
+              "system_metrics": job.get("system_metrics", False)}
+    results: dict[float, ray.train.Result] = {}
+    for lr in ft.lr:
+        trainer = TorchTrainer(
+            finetune_loop_per_worker,
+            train_loop_config={"trial": job["trial"], "pretrained": checkpoint, "lr": lr, "mlflow": mlflow,
+                               "metric_suffix": f"_{lr_tag(lr)}", "cpus_per_worker": job["cpus_per_worker"]},
+            scaling_config=scaling,
+            run_config=ray.train.RunConfig(
+                name=finetune_run_name(job["name"], lr),
+                storage_path=job["storage"],
+                checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1),  # the latest: resume and the result
+                failure_config=ray.train.FailureConfig(max_failures=0),  # retries: Tune's layer only
+            ),
+        )
+        result = trainer.fit()
+        if "finetune/top1" not in (result.metrics or {}):
+            raise RuntimeError(f"fine-tuning run {result.path} (lr {lr:g}) reported no finetune/top1")
+        log.info("%s: fine-tuned at lr %g: top-1 %.4f", job["name"], lr, result.metrics["finetune/top1"])
+        results[lr] = result
+
+    # Best learning rate by top-1; the first in finetune.lr order wins a tie.
+    best_lr = max(results, key=lambda lr: (results[lr].metrics["finetune/top1"], -ft.lr.index(lr)))
+    best = results[best_lr]
+    metrics: dict[str, float] = {
+        "finetune/top1": best.metrics["finetune/top1"],
+        "finetune/best_lr": best_lr,
+        "finetune/image_size": best.metrics["finetune/image_size"],
+        **{f"finetune/top1_{lr_tag(lr)}": r.metrics["finetune/top1"] for lr, r in results.items()},
+        **{key: sum(float(r.metrics[key]) for r in results.values()) for key in SUMMED},
+    }
+    if ft.image_size:
+        metrics[f"finetune/top1_{ft.image_size}px"] = metrics["finetune/top1"]
+    client.set_tag(run_id, "finetune.best_lr", f"{best_lr:g}")
+    client.set_tag(run_id, "ray.finetune_run", best.path)
+    if best.checkpoint is not None:
+        client.set_tag(run_id, "finetune.checkpoint", _checkpoint_uri(best.checkpoint))
+    return metrics

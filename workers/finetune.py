@@ -1,0 +1,345 @@
+"""Fine-tuning one pre-trained checkpoint at one learning rate on one worker, without Ray: the paper's §3 recipe.
+
+:class:`FineTuner` is the fine-tuning counterpart of :class:`workers.trainer.Trainer` (same shape: set-up,
+``train_step``, ``evaluate``, ``state_dict``/``load_state_dict``, ``fit(report)``), and ``workers.train``'s
+``finetune_loop_per_worker`` is its Ray Train shell.
+
+The recipe (paper §3 "Fine-tuning" and Supplementary C; ViT's setup, which the paper follows):
+
+* the pre-trained weights, moved to ``finetune.image_size`` by ``workers.resolution.to_resolution`` (Mixer: K x
+  the side, block-diagonal token mixing; ViT: resampled position embeddings; BiT: unchanged);
+* a fresh head for the downstream classes with zero weight AND zero bias (vision_transformer
+  ``checkpoint.load_pretrained`` takes the head from the zero-initialised new model);
+* momentum SGD (``momentum`` 0.9), no weight decay, gradients clipped at global norm ``grad_clip`` (1) first:
+  the optax chain ``clip_by_global_norm -> trace(momentum) -> scale(-lr * s(t))``, i.e. torch's SGD
+  (``buf = mu * buf + g; theta -= lr_t * buf``, no dampening, not Nesterov) with ``lr_t`` set every step;
+* ``s(t)`` = big_vision ``utils.create_learning_rate_schedule(decay_type="cosine", warmup_steps=w)`` with
+  ``base=1``: ``0.5 * (1 + cos(pi * clip((t - w) / (T - w), 0, 1)))`` times ``min(1, t / w)`` (linear warm-up
+  from 0: the first update has multiplier 0), ``t`` = updates already made (:func:`cosine_multiplier`);
+* softmax cross-entropy on one-hot targets (``workers.optim.classification_loss(..., "softmax")``);
+* top-1 of the final model on the whole downstream test split, through the evaluation view (resize + central
+  crop, ``data.augment.eval_crop_fraction``).
+
+Training view: the study's ``data.augment`` crop and flip (the study chose what suits its images: inception crop
+for the paper studies, ``pad`` for digits) without RandAugment and mixup, which the paper's fine-tuning does not use
+(Supplementary A.2: mixup during fine-tuning "did not lead to consistent improvements, so we dropped them").
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from workers.checkpoint import load_model
+from workers.config import TrialConfig
+from workers.fractions import fraction_slices
+from workers.manifest import load_manifest
+from workers.optim import classification_loss, clip_by_global_norm
+from workers.permute import permute_spec
+from workers.precision import resolve_precision
+from workers.registry import forward_flops
+from workers.resolution import to_resolution
+from workers.shard_reader import ShardDataset, make_loader
+from workers.trainer import ReportFn, _infinite, _sum_over_ranks, process_tree_cpu_seconds
+
+__all__ = ["FineTuner", "FinetuneProgress", "cosine_multiplier", "model_forward_flops", "reset_head"]
+
+
+@dataclasses.dataclass
+class FinetuneProgress:
+    """What a resumed fine-tuning run carries over from earlier segments (saved in every checkpoint)."""
+
+    step: int = 0
+    wall_seconds: float = 0.0    # wall time of all segments (training, evaluation, checkpointing)
+    train_seconds: float = 0.0   # time inside training steps only
+    cpu_seconds: float = 0.0     # CPU time of every worker and its DataLoader processes, all segments
+
+
+def cosine_multiplier(step: int, total_steps: int, warmup_steps: int) -> float:
+    """big_vision ``create_learning_rate_schedule(total_steps, base=1, decay_type="cosine", warmup_steps=w)``
+    at update ``step`` (0-based): ``0.5 * (1 + cos(pi * progress)) * min(1, step / w)`` with
+    ``progress = clip((step - w) / (total - w), 0, 1)``."""
+    progress = min(1.0, max(0.0, (step - warmup_steps) / float(max(1, total_steps - warmup_steps))))
+    multiplier = 0.5 * (1.0 + math.cos(math.pi * progress))
+    if warmup_steps:
+        multiplier *= min(1.0, step / warmup_steps)
+    return multiplier
+
+
+@torch.no_grad()
+def reset_head(model: nn.Module, num_classes: int) -> None:
+    """Replace ``model.head`` (a Linear) by a zero-weight, zero-bias Linear onto ``num_classes`` (in place)."""
+    head = getattr(model, "head", None)
+    if not isinstance(head, nn.Linear):
+        raise ValueError(f"{type(model).__name__} has no Linear `head` to replace for fine-tuning (got {head!r})")
+    new = nn.Linear(head.in_features, num_classes, device=head.weight.device, dtype=head.weight.dtype)
+    nn.init.zeros_(new.weight)
+    nn.init.zeros_(new.bias)
+    model.head = new
+    if hasattr(model, "num_classes"):
+        model.num_classes = num_classes
+
+
+def model_forward_flops(model: nn.Module, image_size: int) -> int:
+    """Forward FLOPs of one ``image_size`` image through ``model`` as it is (multiply-add = 2): the registry's
+    analytic count of its variant (``workers.registry.forward_flops``, equal to torch's FLOP counter). A Mixer moved
+    to a higher resolution carries a variant with the K²·D_S token-mixing width, so the count is that of the dense
+    K²S x K²D_S matmuls it runs."""
+    return forward_flops(model.variant, image_size, model.num_classes, getattr(model, "in_chans", 3))
+
+
+class FineTuner:
+    """Model, optimiser and data of one fine-tuning run (one learning rate) on one worker.
+
+    Args:
+        pretrained: the pre-trained checkpoint folder (``workers.checkpoint``: model.json + state.pt); read here.
+        trial: the trial's recipe: ``trial.finetune`` is the fine-tuning block (must be enabled); ``trial.data``
+            gives the augmentation, shuffle buffer and loader processes, ``trial.train`` the seed, precision and
+            ``log_every``.
+        lr: the peak learning rate (one value of ``finetune.lr``).
+        rank, world_size, device, cores, wrap_model, log: as :class:`workers.trainer.Trainer`.
+    """
+
+    def __init__(
+        self,
+        pretrained: str | Path,
+        trial: TrialConfig,
+        lr: float,
+        *,
+        rank: int = 0,
+        world_size: int = 1,
+        device: torch.device | None = None,
+        cores: int = 1,
+        wrap_model: Callable[[nn.Module], nn.Module] = lambda module: module,
+        log: Callable[[dict[str, float], int], None] | None = None,
+    ) -> None:
+        ft = trial.finetune
+        if not ft.enabled:
+            raise ValueError("trial.finetune is not enabled: give finetune.train and finetune.test")
+        if lr <= 0:
+            raise ValueError(f"lr must be positive, got {lr}")
+        if ft.batch_size % world_size:
+            raise ValueError(f"finetune.batch_size {ft.batch_size} is not divisible by the {world_size} workers")
+        self.trial, self.finetune, self.lr = trial, ft, float(lr)
+        self.rank, self.world_size = rank, world_size
+        self.device = device or torch.device("cpu")
+        self.cores = max(1, cores)
+        self.log = log
+        self.train_manifest = load_manifest(ft.train)
+        self.test_manifest = load_manifest(ft.test)
+        self.num_classes = self.train_manifest.num_classes
+        if self.test_manifest.num_classes != self.num_classes:
+            raise ValueError(f"finetune.test has {self.test_manifest.num_classes} classes, finetune.train"
+                             f" {self.num_classes}: they must be splits of one downstream data set")
+
+        pretrained_model = load_model(pretrained)
+        self.pretrained_image_size = int(pretrained_model.image_size)
+        self.image_size = ft.image_size or self.pretrained_image_size
+        # The fixed pixel permutation of the Fig. 4 study (data.permute) is defined per resolution: fine-tune a
+        # permuted model on the same permutation, which only exists at the pre-training resolution.
+        self.permute = permute_spec(trial.data)
+        if self.permute and self.image_size != self.pretrained_image_size:
+            raise ValueError(f"data.permute: {trial.data.permute} fixes a permutation of {self.pretrained_image_size}"
+                             f" px images; fine-tuning at finetune.image_size {self.image_size} has none")
+        self.module = to_resolution(pretrained_model, self.image_size)
+        reset_head(self.module, self.num_classes)
+        self.module.to(self.device).train()
+        self.model = wrap_model(self.module)
+        # No weight decay (paper §3); the learning rate is set before every step (set_lr).
+        self.optimizer = torch.optim.SGD(self.module.parameters(), lr=self.lr, momentum=ft.momentum,
+                                         weight_decay=0.0, foreach=True)
+        self.precision = resolve_precision(trial.train.precision, self.device)
+        self.augment = trial.data.augment.model_copy(update={"randaug": None, "mixup": 0.0})
+        self.forward_flops_per_image = model_forward_flops(self.module, self.image_size)
+        self.checkpoint_every = max(ft.steps // 4, 1)
+        self.progress = FinetuneProgress()
+
+    # -- state ---------------------------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"model": self.module.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "progress": dataclasses.asdict(self.progress), "lr": self.lr, "image_size": self.image_size}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("lr") != self.lr or state.get("image_size") != self.image_size:
+            raise ValueError(f"checkpoint of fine-tuning at lr {state.get('lr')}, {state.get('image_size')} px;"
+                             f" this run is lr {self.lr}, {self.image_size} px")
+        self.module.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.progress = FinetuneProgress(**state["progress"])
+
+    # -- data ----------------------------------------------------------------------------------------------------
+
+    def _seed(self, *parts: int) -> int:
+        seed = self.trial.train.seed * 1_000_003 + 17  # distinct from the pre-training streams of the same seed
+        for part in parts:
+            seed = seed * 1_000_003 + part
+        return seed % 2**63
+
+    def train_batches(self) -> Iterator[tuple[Tensor, Tensor]]:
+        """The endless stream of this rank over the whole ``finetune.train`` split; a resumed segment gets a new
+        seed (seed, start step), as :meth:`workers.trainer.Trainer.train_batches`."""
+        data = self.trial.data
+        dataset = ShardDataset(
+            fraction_slices(self.train_manifest, 1.0), train=True, rank=self.rank, world_size=self.world_size,
+            seed=self._seed(self.progress.step), repeat=True, shuffle_buffer=data.shuffle_buffer,
+            augment=self.augment, image_size=self.image_size, permute=self.permute,
+        )
+        per_rank = self.finetune.batch_size // self.world_size
+        return _infinite(make_loader(dataset, per_rank, data.loader_workers, pin_memory=self.device.type == "cuda"))
+
+    def test_loader(self):
+        """The whole ``finetune.test`` split through the evaluation view, a disjoint part per rank."""
+        dataset = ShardDataset(
+            fraction_slices(self.test_manifest, 1.0), train=False, rank=self.rank, world_size=self.world_size,
+            augment=self.augment, image_size=self.image_size, permute=self.permute,
+        )
+        return make_loader(dataset, self.finetune.batch_size // self.world_size, self.trial.data.loader_workers)
+
+    def _autocast(self):
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16")
+
+    # -- steps ---------------------------------------------------------------------------------------------------
+
+    def set_lr(self, step: int) -> float:
+        """Set the learning rate of update number ``step``: ``lr * cosine_multiplier(step)``; returns it."""
+        lr = self.lr * cosine_multiplier(step, self.finetune.steps, self.finetune.warmup_steps)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        return lr
+
+    def train_step(self, images: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+        """One SGD update on this rank's batch; returns (loss, pre-clip gradient norm) as device tensors."""
+        images = images.to(self.device, non_blocking=True)
+        labels = labels.to(self.device, non_blocking=True)
+        self.set_lr(self.progress.step)
+        with self._autocast():
+            logits, _ = self.model(images)
+        loss = classification_loss(logits, F.one_hot(labels, self.num_classes).float(), "softmax")
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = clip_by_global_norm(self.module.parameters(), self.finetune.grad_clip)
+        self.optimizer.step()
+        self.progress.step += 1
+        return loss.detach(), grad_norm.detach()
+
+    @torch.no_grad()
+    def evaluate(self, loader) -> tuple[float, float]:
+        """(mean softmax cross-entropy, top-1) over the whole split, summed across ranks."""
+        self.module.eval()
+        totals = torch.zeros(3, dtype=torch.float64, device=self.device)  # loss sum, correct, count
+        for images, labels in loader:
+            images, labels = images.to(self.device), labels.to(self.device)
+            with self._autocast():
+                logits, _ = self.module(images)
+            targets = F.one_hot(labels, self.num_classes).float()
+            totals[0] += classification_loss(logits, targets, "softmax") * labels.numel()
+            totals[1] += (logits.argmax(-1) == labels).sum()
+            totals[2] += labels.numel()
+        self.module.train()
+        if dist.is_initialized():
+            dist.all_reduce(totals)
+        loss_sum, correct, count = totals.tolist()
+        return loss_sum / count, correct / count
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    # -- the loop ------------------------------------------------------------------------------------------------
+
+    def fit(self, report: ReportFn) -> None:
+        """Fine-tune from ``progress.step`` to ``finetune.steps``. ``report(metrics, with_checkpoint)`` (all ranks:
+        Ray's report is a barrier) every ``max(steps // 4, 1)`` steps with a checkpoint and the mean training loss
+        since the last report; the last one also carries ``finetune/top1`` and the compute accounting. A segment
+        resumed from the final checkpoint only evaluates and reports (without a checkpoint)."""
+        ft, progress = self.finetune, self.progress
+        log_every = self.trial.train.log_every
+        if self.device.type == "cpu":
+            torch.set_num_threads(self.cores)
+        torch.manual_seed(self._seed(progress.step, self.rank, 13))  # stochastic depth / dropout, if any
+        segment = (time.perf_counter(), process_tree_cpu_seconds(), progress.wall_seconds, progress.cpu_seconds)
+        if progress.step >= ft.steps:
+            self._report(report, segment, torch.zeros(()), 0, with_checkpoint=False)
+            return
+        batches = self.train_batches()
+        report_loss, report_steps = torch.zeros((), device=self.device), 0
+        log_loss, log_steps = torch.zeros((), device=self.device), 0
+        window_time, log_time = 0.0, 0.0  # since the last host sync (-> train_seconds); since the last log
+        self.module.train()
+        while progress.step < ft.steps:
+            started = time.perf_counter()
+            images, labels = next(batches)
+            loss, grad_norm = self.train_step(images, labels)
+            report_loss += loss
+            log_loss += loss
+            report_steps += 1
+            log_steps += 1
+            step = progress.step
+            at_log = step % log_every == 0 or step == ft.steps
+            at_checkpoint = step % self.checkpoint_every == 0 or step == ft.steps
+            if at_log or at_checkpoint:
+                self._sync()
+            elapsed = time.perf_counter() - started
+            window_time += elapsed
+            log_time += elapsed
+            if at_log:
+                if self.log:
+                    self.log({"finetune/train_loss": log_loss.item() / log_steps,
+                              "finetune/lr": self.optimizer.param_groups[0]["lr"],
+                              "finetune/grad_norm": float(grad_norm),
+                              "perf/finetune_img_per_s": log_steps * ft.batch_size / log_time}, step)
+                log_loss.zero_()
+                log_steps, log_time = 0, 0.0
+            if at_log or at_checkpoint:
+                progress.train_seconds += window_time
+                window_time = 0.0
+            if at_checkpoint:
+                self._report(report, segment, report_loss, report_steps, with_checkpoint=True)
+                report_loss.zero_()
+                report_steps = 0
+
+    def _report(self, report: ReportFn, segment: tuple[float, float, float, float], loss_sum: Tensor,
+                steps: int, with_checkpoint: bool) -> None:
+        start, cpu_start, wall_before, cpu_before = segment
+        progress = self.progress
+        metrics: dict[str, float] = {"step": progress.step, "finetune/lr": self.optimizer.param_groups[0]["lr"]}
+        if steps:
+            metrics["finetune/loss"] = loss_sum.item() / steps  # mean training loss since the last report
+        final = progress.step >= self.finetune.steps
+        if final:
+            test_loss, top1 = self.evaluate(self.test_loader())
+            metrics.update({"finetune/top1": top1, "finetune/test_loss": test_loss})
+        # Ray's report is a barrier anyway, so summing the CPU time over ranks here costs no extra wait.
+        (segment_cpu,) = _sum_over_ranks([process_tree_cpu_seconds() - cpu_start], self.device)
+        progress.wall_seconds = wall_before + time.perf_counter() - start
+        progress.cpu_seconds = cpu_before + segment_cpu
+        if final:
+            metrics.update(self.compute_metrics())
+        if self.log:
+            self.log({k: v for k, v in metrics.items() if k not in ("step", "finetune/lr")}, progress.step)
+        report(metrics, with_checkpoint)
+
+    def compute_metrics(self) -> dict[str, float]:
+        """Compute of the whole fine-tuning run (all resumed segments), separate from pre-training's."""
+        progress = self.progress
+        images = progress.step * self.finetune.batch_size
+        allocated = self.world_size * (self.cores if self.device.type == "cpu" else 1)
+        return {
+            "finetune/image_size": self.image_size,
+            "compute/finetune_flops": 3.0 * self.forward_flops_per_image * images,  # 3 x forward, as pre-training
+            "compute/finetune_images_seen": images,
+            "compute/finetune_seconds": progress.train_seconds,
+            "compute/finetune_wall_seconds": progress.wall_seconds,
+            "compute/finetune_core_seconds": progress.wall_seconds * allocated,
+            "compute/finetune_cpu_seconds": progress.cpu_seconds,
+        }
