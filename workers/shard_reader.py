@@ -51,6 +51,7 @@ from webdataset.tariterators import group_by_keys, tar_file_expander
 from workers.augment import eval_array, needed_shorter_side, train_view
 from workers.config import AugmentConfig
 from workers.fractions import ShardSlice
+from workers.permute import PermuteSpec, apply_permutation, permutation
 
 
 def decode_pil(data: bytes, shorter_side: int | None = None) -> Image.Image:
@@ -183,7 +184,9 @@ def to_tensor(image: np.ndarray) -> torch.Tensor:
 class ShardDataset(IterableDataset):
     """Stream (image (3,H,W) float32 in [-1, 1], label int) from shard slices, partitioned over ranks and workers.
 
-    ``return_keys=True`` appends each sample's ``__key__`` (for tests and debugging).
+    ``return_keys=True`` appends each sample's ``__key__`` (for tests and debugging). ``permute`` = (mode, patch,
+    seed) (``workers.permute.permute_spec`` of a DataConfig) moves the pixels of every view, train and eval alike,
+    by that one fixed permutation (the paper's Fig. 4 study); None (or mode "none") keeps the images.
 
     See the module docstring for the partitioning rule. Epochs: the k-th ``iter()`` in a process since the last
     ``set_epoch(e)`` (or since construction, e = 0) starts at epoch ``e + k``; with ``repeat=True`` one ``iter()``
@@ -208,6 +211,7 @@ class ShardDataset(IterableDataset):
         augment: AugmentConfig | None = None,
         image_size: int | None = None,
         return_keys: bool = False,
+        permute: PermuteSpec | tuple[str, int, int] | None = None,
     ):
         super().__init__()
         self.slices = list(slices)
@@ -229,6 +233,10 @@ class ShardDataset(IterableDataset):
         self.augment = augment if image_size else augment.model_copy(update={"eval_crop_fraction": 1.0})
         self._decode_side = image_size and needed_shorter_side(image_size, self.augment, train)
         self.return_keys = return_keys
+        # The fixed pixel permutation (workers.permute), applied to each view after augmentation, before to_tensor.
+        self.permute = PermuteSpec(*permute) if permute is not None and permute[0] != "none" else None
+        if self.permute and image_size:  # fail now on a bad patch size, not in the first DataLoader worker
+            permutation(self.permute.mode, image_size, self.permute.patch, self.permute.seed)
         self.num_samples = sum(s.num_samples for s in self.slices)
         self._check_slots(world_size)
         # [epoch of the last set_epoch, how many set_epoch calls]. DataLoader workers hold their own copies of this
@@ -292,6 +300,9 @@ class ShardDataset(IterableDataset):
                 image = train_view(decoded, size, self.augment, rng)
             else:
                 image = eval_array(decoded, size, self.augment)
+            if self.permute:  # the same permutation for every image (cached per size)
+                image = apply_permutation(image, permutation(self.permute.mode, size, self.permute.patch,
+                                                             self.permute.seed))
             yield (to_tensor(image), label, key) if self.return_keys else (to_tensor(image), label)
 
     def __iter__(self) -> Iterator[tuple]:
