@@ -14,20 +14,22 @@ from analysis.fewshot import fewshot_metrics, linear_fewshot
 from workers.config import AugmentConfig
 from workers.fractions import prefix_slices
 from workers.manifest import load_manifest
-from workers.model import MlpMixer
+from workers.permute import PermuteSpec
+from workers.registry import Model
 from workers.shard_reader import ShardDataset, make_loader
 
 
 @torch.inference_mode()
 def extract_features(
-    model: MlpMixer, manifest_url: str, batch_size: int = 256, precision: str = "fp32",
-    num_samples: int | None = None, crop_fraction: float = 0.875,
+    model: Model, manifest_url: str, batch_size: int = 256, precision: str = "fp32",
+    num_samples: int | None = None, crop_fraction: float = 0.875, permute: PermuteSpec | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """(features (N, C) float32, labels (N,) int64) of the first ``num_samples`` samples (all for None) of a split,
-    in eval mode, through the evaluation view (resize the shorter side to size/crop_fraction, central crop)."""
+    in eval mode, through the evaluation view (resize the shorter side to size/crop_fraction, central crop), with
+    the pixels moved by ``permute`` (``workers.permute.permute_spec(trial.data)``: the one the model trained on)."""
     manifest = load_manifest(manifest_url)
     dataset = ShardDataset(prefix_slices(manifest, num_samples), train=False, image_size=model.image_size,
-                           augment=AugmentConfig(eval_crop_fraction=crop_fraction))
+                           augment=AugmentConfig(eval_crop_fraction=crop_fraction), permute=permute)
     device = next(model.parameters()).device
     model.eval()
     features, labels = [], []
@@ -40,7 +42,7 @@ def extract_features(
 
 
 def fewshot_for_model(
-    model: MlpMixer,
+    model: Model,
     train_url: str,
     test_url: str,
     shots: tuple[int, ...] = (1, 5, 10, 25),
@@ -48,13 +50,17 @@ def fewshot_for_model(
     l2_reg: float = 2.0**10,
     train_samples: int | None = None,
     crop_fraction: float = 0.875,
+    permute: PermuteSpec | None = None,
 ) -> dict[str, float]:
     """Linear few-shot accuracies of a model as flat MLflow metrics (``fewshot/5shot``, ``fewshot/5shot_std``, ...).
 
     ``train_samples`` caps the downstream train split to its first N samples (big_vision's ``train[:N]``).
+    ``permute``: the fixed pixel permutation the model was trained with (``data.permute``, the Fig. 4 study), applied
+    to both downstream splits; None for the original images.
     """
-    train_x, train_y = extract_features(model, train_url, num_samples=train_samples, crop_fraction=crop_fraction)
-    test_x, test_y = extract_features(model, test_url, crop_fraction=crop_fraction)
+    train_x, train_y = extract_features(model, train_url, num_samples=train_samples, crop_fraction=crop_fraction,
+                                        permute=permute)
+    test_x, test_y = extract_features(model, test_url, crop_fraction=crop_fraction, permute=permute)
     num_classes = load_manifest(train_url).num_classes
     results = linear_fewshot(
         train_x, train_y, test_x, test_y, shots=shots, seeds=tuple(range(seeds)), l2_reg=l2_reg,

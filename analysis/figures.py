@@ -17,25 +17,32 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from matplotlib import colormaps
 from matplotlib.axes import Axes
+from matplotlib.colors import to_hex
 from matplotlib.figure import Figure
+from matplotlib.patches import Patch
 
 from analysis.pareto import pareto_front
-from workers.model import SIZES, MixerVariant, get_variant
+from workers.registry import FAMILIES, Variant, get_variant
 
 logger = logging.getLogger(__name__)
 
-_TAB10 = [f"C{i}" for i in range(10)]
-# Colour per Mixer size, small to large (the order of workers.model.SIZES), fixed so that a size looks the
-# same in every figure whatever subset of the data is shown; names that do not parse get a spare colour.
-_SIZE_COLOURS = dict(zip(SIZES, _TAB10))
-_SPARE_COLOURS = _TAB10[len(_SIZE_COLOURS):] or _TAB10
-# Marker per patch size: same size, different patch -> same colour, other marker.
+# Styles follow the paper's grouping of models (workers.registry kinds): Mixer, attention (ViT), convolution (BiT).
+# Colour: one hue per kind (Mixer red, attention blue, convolution green), darker the larger the size (the registry's
+# size_rank, one scale across families), fixed by the name, so a variant looks the same in every figure whatever
+# subset of the data is shown. Names no parser knows get a spare colour (tab10 hues other than those three).
+_KIND_COLOURMAPS = {"Mixer": "Reds", "attention": "Blues", "convolution": "Greens"}
+_MAX_RANK = 7.0  # Mixer Nano 0 ... H 6, larger models (BiT-R152x4) 7
+_SPARE_COLOURS = ["C1", "C4", "C5", "C6", "C7", "C8", "C9"]
+# Marker per patch size: same size, different patch -> same colour, other marker; BiT (no patches) a hexagon.
 _PATCH_MARKERS = {32: "o", 16: "s", 14: "^", 8: "D", 4: "v", 2: "<"}
-# Line style per model family in Fig. 3 (one line per family, as the paper's Fig. 3).
-_FAMILY_LINESTYLES = {"Mixer": "-"}
-_SPARE_LINESTYLES = ("--", ":", "-.")
-_ACC = re.compile(r"fewshot_(\d+)shot|best_val_acc|final_val_acc")
+_KIND_MARKERS = {"convolution": "h"}
+# Line style per kind, as the paper's Fig. 2 (right): "Mixer (solid) ... BiT (dotted) and ViT (dashed)"; used for
+# each model's curve (Fig. 2 right) and each family's line (Fig. 3).
+_KIND_LINESTYLES = {"Mixer": "-", "attention": "--", "convolution": ":"}
+_SPARE_LINESTYLES = ("-.",)
+_ACC = re.compile(r"fewshot_(\d+)shot|best_val_acc|final_val_acc|finetune_top1")
 _LABELS = {
     "train_flops": "total pre-training compute (FLOPs)",
     "core_seconds": "total pre-training compute (core-seconds)",
@@ -44,11 +51,12 @@ _LABELS = {
     "img_per_s_per_core": "inference throughput (img/s/core)",
     "best_val_acc": "best upstream validation top-1 (%)",
     "final_val_acc": "final upstream validation top-1 (%)",
+    "finetune_top1": "downstream top-1 after fine-tuning (%)",
 }
 
 
-def _parse(variant: object) -> MixerVariant | None:
-    """The variant named by ``variant`` (workers.model's one parser), or None if it names none."""
+def _parse(variant: object) -> Variant | None:
+    """The variant named by ``variant`` (workers.registry's one parser, every family), or None if it names none."""
     try:
         return get_variant(variant) if isinstance(variant, str) else None
     except ValueError:
@@ -56,15 +64,24 @@ def _parse(variant: object) -> MixerVariant | None:
 
 
 def size_of(variant: str) -> str:
-    """Size of a variant: 'B-16' -> 'B', 'Micro-4' -> 'Micro'; a name that does not parse is its own size."""
+    """Size of a variant: 'B-16' -> 'B', 'Micro-4' -> 'Micro', 'ViT-B/16' -> 'B', 'BiT-R50x1' -> 'R50x1';
+    a name that does not parse is its own size."""
     v = _parse(variant)
     return v.size if v else str(variant)
 
 
 def family_of(variant: str) -> str:
-    """Model family of a variant: 'B-16' -> 'Mixer'; a name that does not parse is its own family."""
+    """Model family of a variant: 'B-16' -> 'Mixer', 'ViT-B/16' -> 'ViT', 'BiT-R50x1' -> 'BiT'; a name that does
+    not parse is its own family."""
     v = _parse(variant)
     return v.family if v else str(variant)
+
+
+def kind_of(variant: str) -> str:
+    """The paper's model kind: 'B-16' -> 'Mixer', 'ViT-B/16' -> 'attention', 'BiT-R50x1' -> 'convolution'; a name
+    that does not parse is its own kind."""
+    v = _parse(variant)
+    return v.kind if v else str(variant)
 
 
 def _spare(name: str, choices: Sequence[str]) -> str:
@@ -72,26 +89,53 @@ def _spare(name: str, choices: Sequence[str]) -> str:
     return choices[zlib.crc32(name.encode()) % len(choices)]
 
 
+def _shade(kind: str, rank: float) -> str:
+    """The kind's hue, from light (rank 0) to dark (rank ``_MAX_RANK``)."""
+    cmap = colormaps[_KIND_COLOURMAPS[kind]]
+    return to_hex(cmap(0.35 + 0.6 * min(max(rank, 0.0), _MAX_RANK) / _MAX_RANK))
+
+
 def _style(variant: str) -> dict:
-    """Scatter/line style of a variant: colour per size, marker per patch size."""
+    """Scatter/line style of a variant: hue per kind, shade per size, marker per patch size (BiT: its own)."""
     v = _parse(variant)
-    if v is None:
+    if v is None or v.kind not in _KIND_COLOURMAPS:
         return {"color": _spare(str(variant), _SPARE_COLOURS), "marker": "P"}
-    colour = _SIZE_COLOURS.get(v.size) or _spare(v.size, _SPARE_COLOURS)
-    return {"color": colour, "marker": _PATCH_MARKERS.get(v.patch_size, "P")}
+    marker = _PATCH_MARKERS.get(v.patch_size, "P") if v.patch_size else _KIND_MARKERS.get(v.kind, "P")
+    return {"color": _shade(v.kind, v.size_rank), "marker": marker}
+
+
+def _linestyle(variant: str) -> str:
+    """Line style of a variant's curve: its kind's (Mixer solid, attention dashed, convolution dotted)."""
+    v = _parse(variant)
+    return _KIND_LINESTYLES.get(v.kind, "-.") if v else _spare(str(variant), _SPARE_LINESTYLES)
+
+
+def _family_kind(family: str) -> str | None:
+    return FAMILIES[family].kind if family in FAMILIES else None
 
 
 def _family_linestyle(family: str) -> str:
-    return _FAMILY_LINESTYLES.get(family) or _spare(family, _SPARE_LINESTYLES)
+    return _KIND_LINESTYLES.get(_family_kind(family)) or _spare(family, _SPARE_LINESTYLES)
+
+
+def _family_colour(family: str) -> str:
+    """A family's line: the middle shade of its kind's hue; grey for a family outside the registry."""
+    kind = _family_kind(family)
+    return _shade(kind, _MAX_RANK / 2) if kind in _KIND_COLOURMAPS else "0.35"
+
+
+def _family_key(family: str) -> tuple:
+    """Families in the registry's (the paper's) order, Mixer, ViT, BiT; others after them, by name."""
+    return (list(FAMILIES).index(family) if family in FAMILIES else len(FAMILIES)), family
 
 
 def _variant_key(variant: str) -> tuple:
-    """Sort key: by family, size rank (small to large), then decreasing patch size (increasing cost);
-    names that do not parse come last, by name."""
+    """Sort key: by family (Mixer, ViT, BiT), size rank (small to large), then decreasing patch size (increasing
+    cost); names that do not parse come last, by name."""
     v = _parse(variant)
     if v is None:
-        return 1, "", 0, 0, str(variant)
-    return 0, v.family, v.size_rank, -v.patch_size, v.name
+        return 1, 0, 0, 0, str(variant)
+    return 0, _family_key(v.family)[0], v.size_rank, -(v.patch_size or 0), v.name
 
 
 def _label(col: str) -> str:
@@ -191,7 +235,7 @@ def _build_fig2_right(df: pd.DataFrame, quality: str) -> Figure:
         return fig
     for variant, rows in _groups(data, "variant"):
         rows = rows.sort_values(size, kind="stable")
-        ax.plot(rows[size], _values(rows, quality), label=variant, **_style(variant))
+        ax.plot(rows[size], _values(rows, quality), label=variant, linestyle=_linestyle(variant), **_style(variant))
     ax.set_xscale("log")
     ax.set_xlabel(_label(size))
     ax.set_ylabel(_label(quality))
@@ -201,7 +245,8 @@ def _build_fig2_right(df: pd.DataFrame, quality: str) -> Figure:
 
 
 def fig2_right(df: pd.DataFrame, out_dir: str | Path, quality: str = "fewshot_5shot") -> list[Path]:
-    """Accuracy vs pre-training set size (log x), one line per variant."""
+    """Accuracy vs pre-training set size (log x), one curve per model (variant): Mixer solid, ViT dashed, BiT
+    dotted, as the paper's Fig. 2 (right); hue per kind, shade per size, marker per patch size."""
     return _save(_build_fig2_right(df, quality), out_dir, f"fig2_right_{quality}")
 
 
@@ -220,10 +265,10 @@ def _build_fig3(df: pd.DataFrame, quality: str) -> Figure:
             continue
         data = _with_family(data)
         # One line per model family through all its rows, as the paper's Fig. 3; each point styled by variant.
-        for family in sorted(data["family"].unique()):
+        for family in sorted(data["family"].unique(), key=_family_key):
             rows = data[data["family"] == family].sort_values(x, kind="stable")
-            ax.plot(rows[x], _values(rows, quality), _family_linestyle(family), color="0.35", lw=1, label=family,
-                    zorder=2)
+            ax.plot(rows[x], _values(rows, quality), _family_linestyle(family), color=_family_colour(family), lw=1,
+                    label=family, zorder=2)
         for variant, rows in _groups(data, "variant"):
             ax.scatter(rows[x], _values(rows, quality), label=variant, zorder=3, **_style(variant))
         ax.set_xscale("log")
@@ -237,11 +282,81 @@ def _build_fig3(df: pd.DataFrame, quality: str) -> Figure:
 def fig3(df: pd.DataFrame, out_dir: str | Path, quality: str = "fewshot_5shot") -> list[Path]:
     """Accuracy vs pre-training FLOPs (left) and vs throughput img/s/core (right), per model family.
 
-    Each family's line (all Mixer sizes are family "Mixer") joins all its rows in order of the x axis, and
-    each point is marked as its variant (colour per size, marker per patch); pass one study's rows at fixed
-    data (model scale).
+    Each family's line (Mixer, ViT, BiT; in its kind's hue and line style) joins all its rows in order of the x
+    axis, and each point is marked as its variant (hue per kind, shade per size, marker per patch); pass one
+    study's rows at fixed data (model scale).
     """
     return _save(_build_fig3(df, quality), out_dir, f"fig3_{quality}")
+
+
+# Fig. 4 pipelines (the `permute` column, data.permute): tick label, legend text, colour; fixed, so a pipeline
+# looks the same in every panel. Runs from before data.permute existed (NaN) trained on the original images.
+PERMUTE_PIPELINES = {
+    "none": ("original", "original images", "0.45"),
+    "patches": ("patches", "patch order shuffled + pixels in patch permuted (one shared permutation)", "tab:orange"),
+    "pixels": ("pixels", "all pixels permuted globally", "tab:red"),
+}
+
+
+def _permute_column(data: pd.DataFrame) -> pd.Series:
+    return data["permute"].where(data["permute"].notna(), "none").astype(str)
+
+
+def _build_fig4(df: pd.DataFrame, quality: str) -> Figure:
+    title = f"Fig. 4: {_label(quality)} per input pipeline (one fixed permutation for all images)"
+    data, why = _select(df, [quality])
+    if why is None and "permute" not in data.columns:
+        why = "no column permute in the results yet (data.permute of each trial)"
+    if why:
+        fig = Figure(figsize=(6.5, 4.5), layout="constrained")
+        fig.suptitle(title)
+        _note(fig.add_subplot(), why)
+        return fig
+    data = data.assign(permute=_permute_column(data))
+    pipelines = [*PERMUTE_PIPELINES, *sorted(set(data["permute"]) - set(PERMUTE_PIPELINES))]
+    groups = list(_groups(data, "variant"))
+    fig = Figure(figsize=(1.2 + 0.9 * len(pipelines) * len(groups), 4.8), layout="constrained")
+    fig.suptitle(title)
+    axes = fig.subplots(1, len(groups), sharey=True, squeeze=False)[0]
+    for ax, (variant, rows) in zip(axes, groups):
+        # One panel per model, as the paper's (Mixer-B/16 | BiT-R50x1); one bar per pipeline: the mean over the
+        # model's trials of that pipeline (error bar: their min..max when there are several).
+        ax.set_title(str(variant))
+        values = pd.Series(_values(rows, quality), index=rows["permute"].to_numpy())
+        original = values.get("none")
+        reference = float(np.mean(original)) if original is not None else None
+        for x, pipeline in enumerate(pipelines):
+            if pipeline not in values.index:
+                ax.text(x, 0, "no run", ha="center", va="bottom", rotation=90, fontsize="small", color="0.5")
+                continue
+            v = np.atleast_1d(values.loc[pipeline]).astype(float)
+            mean = float(v.mean())
+            err = [[mean - v.min()], [v.max() - mean]] if len(v) > 1 else None
+            colour = PERMUTE_PIPELINES.get(pipeline, (pipeline, pipeline, _spare(pipeline, _SPARE_COLOURS)))[2]
+            bars = ax.bar(x, mean, width=0.7, color=colour, yerr=err, capsize=3)
+            # Relative change to the original images (the paper: pixels -45 % Mixer, -75 % ResNet).
+            change = f"\n{100 * (mean / reference - 1):+.0f}%" if reference and pipeline != "none" else ""
+            ax.bar_label(bars, labels=[f"{mean:.1f}{change}"], fontsize="small")
+        ax.set_xticks(range(len(pipelines)), [PERMUTE_PIPELINES.get(p, (p,))[0] for p in pipelines])
+        ax.grid(axis="y", alpha=0.3)
+    axes[0].set_ylabel(_label(quality))
+    specs = [PERMUTE_PIPELINES.get(p, (p, p, _spare(p, _SPARE_COLOURS))) for p in pipelines]
+    handles = [Patch(color=colour, label=text) for _, text, colour in specs]
+    fig.legend(handles=handles, loc="outside lower center", ncols=1, fontsize="small")
+    return fig
+
+
+def fig4_permutation(df: pd.DataFrame, out_dir: str | Path, quality: str = "fewshot_5shot") -> list[Path]:
+    """The permutation study (paper Fig. 4): per model (variant) one panel, one bar per input pipeline.
+
+    Pipelines are the `permute` column (data.permute): none (original), patches (patch order shuffled and the
+    pixels inside every patch permuted with one shared permutation), pixels (global pixel permutation); each
+    bar is the mean `quality` of that model's trials (min..max error bar if several) with its change relative to
+    the original images. The paper's finding: Mixer's bars for none and patches match (it is exactly invariant
+    to `patches` when its patch size is the permutation's, see workers.permute); under pixels Mixer drops less
+    than the ResNet.
+    """
+    return _save(_build_fig4(df, quality), out_dir, f"fig4_permutation_{quality}")
 
 
 def _side(num_tokens: int) -> int:
@@ -252,9 +367,13 @@ def _side(num_tokens: int) -> int:
 
 
 def _spatial_frequency(image: np.ndarray) -> float:
-    """Power-weighted mean spatial frequency (cycles/pixel) of the image's 2-D FFT.
+    """The filter frequency of Fig. 5's ordering: the centroid of the radial frequency under the 2-D power spectrum,
 
-    0 for a constant image; up to √2/2 for a checkerboard (the Nyquist corner).
+        f(w) = Σ_k |Ŵ(k)|² · |k| / Σ_k |Ŵ(k)|²,   k = (k_y, k_x) in cycles/pixel (numpy's fftfreq, in [-1/2, 1/2)),
+
+    so a plane wave cos(2π(a·y + b·x)/n + φ) on an n x n grid (0 <= a, b < n/2) has f = √(a² + b²)/n exactly,
+    whatever its phase and sign; the DC term counts at |k| = 0 (a constant image: 0), and the Nyquist
+    checkerboard is the maximum √2/2. Scale-free: f(c·w) = f(w) for any c != 0, so a unit and its inverse agree.
     """
     power = np.abs(np.fft.fft2(image)) ** 2
     f = np.fft.fftfreq(image.shape[0])
@@ -263,12 +382,22 @@ def _spatial_frequency(image: np.ndarray) -> float:
 
 
 def pair_units(w: np.ndarray) -> list[tuple[int, int | None]]:
-    """Hidden units of a (D_S, S) token-mixing weight paired with their closest inverse.
+    """Hidden units of a (D_S, S) token-mixing weight paired with their closest inverse, low frequency first.
 
-    With unit-norm rows ŵ, ||ŵ_u + ŵ_v||² = 2 + 2·cos(w_u, w_v): the closest
-    inverse of u is its most anti-correlated unit. Pairs are taken greedily,
-    closest first, among units still unpaired; an odd unit out gets None.
-    Pairs are sorted by the mean spatial frequency of their √S×√S images, low first.
+    Closest inverse (the paper's Fig. 5 pairing): after normalising every row, ŵ = w / ||w||, the inverse of u
+    closest to it is the unit v minimising ||ŵ_u + ŵ_v||; since ||ŵ_u + ŵ_v||² = 2 + 2·cos(w_u, w_v), that is
+    the most anti-correlated unit (scale-free: a unit and -c times it, c > 0, are at distance 0).
+
+    Matching: greedy, closest pair first. All D_S(D_S-1)/2 distances are sorted once; a pair is taken when both
+    of its units are still unpaired (stable order on ties, so the result is deterministic). This is exact
+    whenever the units come in mutually closest inverse pairs (each is the other's closest inverse, as for the
+    ±pairs the trained weights show); otherwise it is the usual greedy approximation of the minimum-distance
+    perfect matching (not the optimum, which would need Edmonds' blossom algorithm), and the last pairs of a
+    set without enough inverses may even be positively correlated. With odd D_S, one unit is left as (u, None).
+
+    Order: pairs sorted by their filter frequency, the mean of the two units' :func:`_spatial_frequency`
+    (the centroid of the 2-D power spectrum of the unit's √S×√S image; equal for an exact inverse pair),
+    low first; ties keep the matching order.
     """
     w = np.asarray(w, dtype=np.float64)
     if w.ndim != 2 or len(w) == 0:
@@ -355,6 +484,7 @@ _TABLE = (
     ("epochs", "epochs", lambda x: f"{x:.1f}"),
     ("best_val_acc", "best val acc (%)", lambda x: f"{100 * x:.1f}"),
     ("fewshot_5shot", "5-shot acc (%)", lambda x: f"{100 * x:.1f}"),
+    ("finetune_top1", "fine-tuned top-1 (%)", lambda x: f"{100 * x:.1f}"),
     ("img_per_s_per_core", "throughput (img/s/core)", _fmt_int),
     ("train_flops", "train FLOPs", lambda x: f"{x:.2e}"),
     ("core_seconds", "core-seconds", _fmt_int),

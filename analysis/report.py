@@ -20,8 +20,8 @@ log = logging.getLogger(__name__)
 
 
 def _checkpoint_for_fig5(df: pd.DataFrame) -> pd.Series | None:
-    """The trial whose token-mixing weights Fig. 5 shows: the most pre-training compute, most data, a checkpoint."""
-    candidates = df[df["checkpoint"].notna()]
+    """The trial whose token-mixing weights Fig. 5 shows: a Mixer with a checkpoint, the most data and compute."""
+    candidates = df[df["checkpoint"].notna() & (df["family"] == "Mixer")]
     if candidates.empty:
         return None
     return candidates.sort_values(["fraction", "train_flops"], na_position="first").iloc[-1]
@@ -66,11 +66,18 @@ def build_report(tracking_uri: str, study: str, out_dir: str | Path, experiment:
     if len(finished) < len(df):
         log.warning("%d of %d trials are not FINISHED; figures use the finished ones", len(df) - len(finished), len(df))
     paths = export(df, out_dir)
-    paths += figures.results_table(finished, out_dir)
-    paths += figures.fig2_left(finished, out_dir)
-    paths += figures.fig2_right(finished, out_dir)
-    paths += figures.fig3(model_scale_rows(finished), out_dir)
-    row = _checkpoint_for_fig5(finished)
+    # Fig. 2, Fig. 3, Table 3 and Fig. 5 compare models on the original images; permuted pipelines only in Fig. 4.
+    original = finished[finished["permute"].fillna("none") == "none"]
+    paths += figures.results_table(original, out_dir)
+    # The paper's Fig. 2 left / Fig. 3 accuracy is top-1 after fine-tuning; linear 5-shot where no trial fine-tuned
+    # (each figure's title and file name say which).
+    downstream = "finetune_top1" if original["finetune_top1"].notna().any() else "fewshot_5shot"
+    paths += figures.fig2_left(original, out_dir, quality=downstream)
+    paths += figures.fig2_right(original, out_dir)
+    paths += figures.fig3(model_scale_rows(original), out_dir, quality=downstream)
+    if finished["permute"].fillna("none").nunique() > 1:  # a permutation study (data.permute in the grid): Fig. 4
+        paths += figures.fig4_permutation(finished, out_dir)
+    row = _checkpoint_for_fig5(original)
     if row is None:
         log.warning("Fig. 5 skipped: no best checkpoint among the finished trials")
     else:

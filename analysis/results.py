@@ -12,17 +12,23 @@ import numpy as np
 import pandas as pd
 from mlflow.tracking import MlflowClient
 
-from workers.model import get_variant
+from workers.registry import get_variant
 from workers.track import ROLE_TAG, STUDY_TAG, TRIAL_TAG, tag_filter
 
 # MLflow metric -> results column.
 METRICS = {
     "best/val_acc": "best_val_acc",
+    "finetune/top1": "finetune_top1",
     "val/acc": "final_val_acc",
     "compute/train_flops": "train_flops",
     "compute/core_seconds": "core_seconds",
     "compute/cpu_seconds": "cpu_seconds",
     "compute/wall_seconds": "wall_seconds",
+    "compute/train_seconds": "train_seconds",
+    "time/trial_start_unix": "trial_start_unix",
+    "time/first_step_unix": "first_step_unix",
+    "time/train_end_unix": "train_end_unix",
+    "time/trial_end_unix": "trial_end_unix",
     "compute/images_seen": "images_seen",
     "compute/epochs": "epochs",
     "perf/img_per_s_per_core": "img_per_s_per_core",
@@ -32,16 +38,21 @@ METRICS = {
 PARAMS = {
     "model.variant": ("variant", str),
     "data.fraction": ("fraction", float),
+    "data.permute": ("permute", str),  # Fig. 4 pipeline: none | patches | pixels (absent in older runs: NaN)
     "data.image_size": ("image_size", int),
     "data.train_images": ("train_images", int),
     "train.steps": ("steps", int),
     "train.batch_size": ("batch_size", int),
+    "resources.workers": ("workers", int),
+    "resources.cpus_per_worker": ("cpus_per_worker", int),
 }
-# ``family`` is the model family ("Mixer"), ``size`` the size in workers.model.SIZES ("B"), from the variant.
+# ``family`` is the model family ("Mixer", "ViT", "BiT"), ``size`` its size ("B", "R50x1"), from the variant
+# (workers.registry); ``patch_size`` is empty for BiT.
 COLUMNS = ["study", "trial", "status", "run_id", "variant", "family", "size", "patch_size", "image_size", "fraction",
-           "train_images", "steps", "batch_size", "epochs", "images_seen", "train_flops", "core_seconds",
+           "permute", "train_images", "steps", "batch_size", "epochs", "images_seen", "train_flops", "core_seconds",
            "cpu_seconds", "wall_seconds", "img_per_s_per_core", "train_img_per_s_per_core", "best_val_acc",
-           "final_val_acc", "checkpoint"]
+           "final_val_acc", "finetune_top1", "checkpoint", "workers", "cpus_per_worker", "train_seconds",
+           "trial_start_unix", "first_step_unix", "train_end_unix", "trial_end_unix"]
 
 
 def load_study(tracking_uri: str, study: str, experiment: str | None = None) -> pd.DataFrame:

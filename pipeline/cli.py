@@ -26,19 +26,22 @@ import yaml
 
 
 def _models(args: argparse.Namespace) -> None:
-    from workers.model import SIZES, VARIANTS, forward_flops, num_tokens, param_count
+    from workers.registry import FAMILIES, check_fits, forward_flops, param_count, shape_summary
 
-    print(f"{'variant':>8} {'layers':>6} {'P':>3} {'C':>5} {'D_S':>5} {'D_C':>5} {'S':>5} {'params':>13} "
-          f"{'GFLOPs/img':>10}  description   (image size {args.image_size}, {args.num_classes} classes)")
-    for v in VARIANTS.values():
-        if args.image_size % v.patch_size:
-            print(f"{v.name:>8}  -- image size {args.image_size} not divisible by patch size {v.patch_size}")
-            continue
-        print(f"{v.name:>8} {v.num_blocks:>6} {v.patch_size:>3} {v.hidden_dim:>5} {v.tokens_mlp_dim:>5} "
-              f"{v.channels_mlp_dim:>5} {num_tokens(v, args.image_size):>5} "
-              f"{param_count(v, args.image_size, args.num_classes):>13,} "
-              f"{forward_flops(v, args.image_size, args.num_classes) / 1e9:>10.4g}  {v.description}")
-    print(f"any SIZE/PATCH works as well (sizes: {', '.join(SIZES)}; e.g. S/8)")
+    size, classes = args.image_size, args.num_classes
+    print(f"model variants of every family (image size {size}, {classes} classes; S = tokens)")
+    for family in FAMILIES.values():
+        print(f"\n{family.name} ({family.kind}); any {family.syntax}")
+        print(f"  {'variant':<12} {'params':>13} {'GFLOPs/img':>10} {'S':>5}  {'shape':<60} description")
+        for v in family.variants.values():
+            try:
+                check_fits(v, size)
+            except ValueError as error:
+                print(f"  {v.name:<12}  -- {error}")
+                continue
+            tokens = (size // v.patch_size) ** 2 if v.patch_size else "-"
+            print(f"  {v.name:<12} {param_count(v, size, classes):>13,} {forward_flops(v, size, classes) / 1e9:>10.4g} "
+                  f"{tokens:>5}  {shape_summary(v):<60} {v.description}")
 
 
 def _shards(args: argparse.Namespace) -> None:

@@ -14,7 +14,7 @@ from pipeline.spec import StudyError, StudySpec, trial_name
 from workers.config import TrialConfig, flatten
 from workers.fractions import class_counts, subset_size
 from workers.manifest import Manifest, load_manifest
-from workers.model import forward_flops, get_variant, num_tokens, train_flops_per_image
+from workers.registry import check_fits, forward_flops, get_variant, train_flops_per_image
 
 
 @dataclass(frozen=True)
@@ -56,6 +56,25 @@ def _check_fewshot_classes(config: TrialConfig, manifest: Manifest, trial: str) 
         )
 
 
+def _check_finetune_resolution(config: TrialConfig, variant, image_size: int, trial: str) -> None:
+    """finetune.image_size must be a whole multiple K of the pre-training size for Mixer (Supplementary C) and fit
+    the model; a permuted pipeline has its permutation only at the pre-training size."""
+    size = config.finetune.image_size
+    if size is None or size == image_size:
+        return
+    if variant.family == "Mixer" and size % image_size:
+        raise StudyError(
+            f"finetune.image_size: {size} is not a whole multiple of the pre-training size {image_size} (trial "
+            f"{trial}): Mixer keeps its patch size and grows S to K²S, so use e.g. {2 * image_size}")
+    if config.data.permute != "none":
+        raise StudyError(f"finetune.image_size: {size} differs from the pre-training size {image_size}, but "
+                         f"data.permute {config.data.permute!r} has its fixed permutation only at {image_size} px")
+    try:
+        check_fits(variant, size)
+    except ValueError as error:
+        raise StudyError(f"finetune.image_size: {error} (trial {trial})") from None
+
+
 def plan_study(spec: StudySpec) -> list[TrialPlan]:
     """Expand the grid and compute each trial's accounting. Reads the data manifests (small JSON files)."""
     plans = []
@@ -79,8 +98,16 @@ def plan_study(spec: StudySpec) -> list[TrialPlan]:
         if not image_size:
             raise StudyError(f"data.image_size: required, because {manifest.url} holds images of varying size "
                              "(its manifest has no image_size)")
+        if config.finetune.enabled:
+            _manifest(config.finetune.train)
+            _manifest(config.finetune.test)
+            _check_finetune_resolution(config, variant, image_size, trial_name(point))
+        if config.data.permute != "none" and image_size % config.data.permute_patch:
+            raise StudyError(
+                f"data.permute_patch: {config.data.permute_patch} does not divide the image size {image_size} of "
+                f"trial {trial_name(point)}: the 'patches' permutation needs whole patches")
         try:
-            num_tokens(variant, image_size)
+            check_fits(variant, image_size)  # each family's rule: whole patches (Mixer, ViT), total stride (BiT)
         except ValueError as error:
             where = "data.image_size" if config.data.image_size else f"data.train ({manifest.url})"
             raise StudyError(f"model.variant {variant.name} does not fit {where}: {error}") from None

@@ -38,7 +38,8 @@ class ResourcesSpec(BaseModel):
         " use more workers for more GPUs"
     )
     max_concurrent_trials: int | None = Field(
-        None, ge=1, description="default: as many as the cluster's CPUs (or GPUs) hold at once"
+        None, ge=1, description="default: as many as the cluster's CPUs (or GPUs) hold at once, plus one whose start-up"
+        " overlaps the others' training"
     )
     max_failures: int = Field(
         1, ge=0, description="retries of a failed trial, each resuming from its last checkpoint (the only retry layer:"

@@ -15,23 +15,24 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
 import mlflow.tracking
+import psutil
 import ray
 import ray.train
 from ray.train.torch import TorchTrainer
 
-from analysis.features import fewshot_for_model
+from pipeline.finetune import run_finetune
 from pipeline.spec import StudyError, StudySpec
 from pipeline.tracking import DataSplit, end_run, experiment_id, log_dataset_inputs, trial_run
-from workers.checkpoint import load_model
+from pipeline.trial_worker import trial_loop_per_worker
 from workers.config import TrialConfig, flatten
 from workers.fractions import subset_size
 from workers.manifest import Manifest, load_manifest
 from workers.track import ROLE_TAG, STUDY_TAG, TRIAL_TAG, tag_filter
-from workers.train import train_loop_per_worker
 
 log = logging.getLogger(__name__)
 
@@ -83,21 +84,6 @@ def best_checkpoint(result: ray.train.Result) -> tuple[ray.train.Checkpoint, dic
     return max(candidates, key=lambda cm: (cm[1]["val/acc"], -cm[1]["step"]))
 
 
-def fewshot_of_checkpoint(checkpoint: ray.train.Checkpoint, trial: dict[str, Any], threads: int) -> dict[str, float]:
-    """Linear few-shot of a checkpoint (a Ray task holding one worker's CPUs/GPU: never unreserved cores)."""
-    import torch
-
-    config = TrialConfig.model_validate(trial)
-    torch.set_num_threads(threads)
-    with checkpoint.as_directory() as folder:
-        model = load_model(folder)
-    if torch.cuda.is_available():
-        model = model.cuda()
-    f = config.fewshot
-    return fewshot_for_model(model, f.train, f.test, shots=f.shots, seeds=f.seeds, l2_reg=f.l2_reg,
-                             train_samples=f.train_samples, crop_fraction=config.data.augment.eval_crop_fraction)
-
-
 def _params(trial: TrialConfig, job: TrialJob, manifest: Manifest) -> dict[str, Any]:
     return {**flatten(trial), "data.image_size": trial.data.image_size or manifest.image_size,
             "data.num_classes": manifest.num_classes, "data.train_images": subset_size(manifest, trial.data.fraction),
@@ -119,6 +105,9 @@ def _dataset_inputs(trial: TrialConfig) -> list[DataSplit]:
     if trial.fewshot.enabled:
         splits += [split("fewshot-train", trial.fewshot.train, trial.fewshot.train_samples),
                    split("fewshot-test", trial.fewshot.test, None)]
+    if trial.finetune.enabled:
+        splits += [split("finetune-train", trial.finetune.train, None),
+                   split("finetune-test", trial.finetune.test, None)]
     return splits
 
 
@@ -166,7 +155,7 @@ def run_trial(job_dict: dict[str, Any], in_tune: bool = False) -> dict[str, floa
             callbacks.append(TuneReportCallback())
         gpus = {"GPU": job.gpus_per_worker} if job.gpus_per_worker else {}
         trainer = TorchTrainer(
-            train_loop_per_worker,
+            trial_loop_per_worker,
             train_loop_config={
                 "trial": job.trial,
                 "mlflow": {"tracking_uri": job.tracking_uri, "run_id": run_id, "system_metrics": job.system_metrics},
@@ -193,10 +182,16 @@ def run_trial(job_dict: dict[str, Any], in_tune: bool = False) -> dict[str, floa
         client.set_tag(run_id, "checkpoint.best", _checkpoint_uri(checkpoint))
         client.set_tag(run_id, "ray.train_run", result.path)
         final = {"best/val_acc": best_metrics["val/acc"], "best/step": best_metrics["step"]}
-        if trial.fewshot.enabled:
-            task = ray.remote(fewshot_of_checkpoint).options(
-                num_cpus=job.cpus_per_worker, num_gpus=job.gpus_per_worker, name=f"fewshot:{job.name}")
-            final.update(ray.get(task.remote(checkpoint, job.trial, job.cpus_per_worker)))
+        # The few-shot ran on rank 0 inside the worker group (pipeline.trial_worker); its metrics come back in the
+        # run's last report.
+        final.update({k: v for k, v in (result.metrics or {}).items() if k.startswith("fewshot/")})
+        if trial.fewshot.enabled and not any(k.startswith("fewshot/") for k in final):
+            raise RuntimeError(f"trial {job.name}: the workers reported no few-shot metrics")
+        if trial.finetune.enabled:  # the paper's fine-tuning of the best checkpoint, on the trial's resources
+            final.update(run_finetune(job_dict, checkpoint, client, run_id))
+        # This attempt's process started when Tune (or the `train` verb) launched it: with the end, the span whose
+        # parts outside the step loop are the per-trial overhead (analysis.timeline). Logged once, at the end.
+        final.update({"time/trial_start_unix": psutil.Process().create_time(), "time/trial_end_unix": time.time()})
         for key, value in final.items():
             client.log_metric(run_id, key, float(value), step=trial.train.steps)
         ok = True

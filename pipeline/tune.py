@@ -57,6 +57,13 @@ def init_ray(address: str | None) -> None:
     # Tune's own console tables would drown the concise StudyProgress lines; verbose=0 + legacy output = silent.
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     embedded = not (address or os.environ.get("RAY_ADDRESS"))
+    if embedded:
+        # The Ray Train controller polls its workers every 2 s by default, so each trial's start and end wait up to
+        # that long; an embedded Ray's processes inherit this environment. (On a cluster, set it in the job's env.)
+        os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
+        # Ray Train starts a preemption-watcher actor (one more Python process) per trial; a single machine is never
+        # drained by an autoscaler, so an embedded Ray does without it.
+        os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
     ray.init(address=address or None, log_to_driver=False, include_dashboard=False if embedded else None,
              logging_level="WARNING")
 
@@ -68,22 +75,30 @@ def ray_logs_dir() -> str:
         return "the Ray cluster's session logs (dashboard > Logs)"
 
 
-def default_concurrency(spec: StudySpec) -> int:
-    """As many trials as the cluster's CPUs (and GPUs) hold at once."""
+def trials_that_fit(spec: StudySpec) -> int:
+    """How many trials the cluster's CPUs (and GPUs) train at once; a clear error if not even one fits."""
     r = spec.resources
-    if r.max_concurrent_trials:
-        return r.max_concurrent_trials
     total = ray.cluster_resources()
-    limit = int(total.get("CPU", 1) // (r.workers_per_trial * r.cpus_per_worker))
+    fit = int(total.get("CPU", 1) // (r.workers_per_trial * r.cpus_per_worker))
     if r.gpus_per_worker:
-        limit = min(limit, int(total.get("GPU", 0) // (r.workers_per_trial * r.gpus_per_worker)))
-    if limit < 1:
+        fit = min(fit, int(total.get("GPU", 0) // (r.workers_per_trial * r.gpus_per_worker)))
+    if fit < 1:
         raise StudyError(
             f"the Ray cluster has {total.get('CPU', 0):g} CPU / {total.get('GPU', 0):g} GPU, less than one trial needs "
             f"({r.workers_per_trial} workers x {r.cpus_per_worker} CPU, {r.gpus_per_worker} GPU): lower "
             "resources.workers_per_trial or add nodes"
         )
-    return limit
+    return fit
+
+
+def default_concurrency(spec: StudySpec, fit: int) -> int:
+    """``resources.max_concurrent_trials``, else the trials that fit plus one.
+
+    The extra trial starts its driver, MLflow run and Ray Train controller while the others train, and its workers
+    wait for resources (Ray Train retries a worker group's start without limit: it is a controller error, not a
+    training failure), so the per-trial start-up overlaps training instead of following it.
+    """
+    return spec.resources.max_concurrent_trials or fit + 1
 
 
 def _jobs(spec: StudySpec, plans: list[TrialPlan], tracking_uri: str, storage: str, parent_run_id: str) -> list[dict]:
@@ -130,9 +145,10 @@ def run_study(spec: StudySpec, *, address: str | None = None, tracking_uri: str 
     client.log_text(parent, spec_yaml, "study.yaml")
 
     init_ray(address)
-    concurrency = default_concurrency(spec)
+    fit = trials_that_fit(spec)
+    concurrency = default_concurrency(spec, fit)
     _write_text(_join(study_dir, "study.yaml"), spec_yaml)
-    write(f"study {spec.name}: {len(plans)} trials, up to {concurrency} at once; "
+    write(f"study {spec.name}: {len(plans)} trials, up to {concurrency} at once ({fit} fit the resources); "
           f"MLflow {tracking_uri} (experiment '{spec.experiment}'); storage {study_dir}")
     write(f"Ray logs: {ray_logs_dir()}")
     tuner = tune.Tuner(
@@ -147,7 +163,7 @@ def run_study(spec: StudySpec, *, address: str | None = None, tracking_uri: str 
             name="tune",
             storage_path=study_dir,
             verbose=0,
-            callbacks=[StudyProgress(len(plans), {p.name: p.config.train.steps for p in plans}, concurrency)],
+            callbacks=[StudyProgress(len(plans), {p.name: p.config.train.steps for p in plans}, fit)],
             failure_config=tune.FailureConfig(max_failures=spec.resources.max_failures),
         ),
     )

@@ -234,6 +234,92 @@ def test_fig5_limits_units_and_rejects_non_square():
         figures._build_fig5([rng.normal(size=(8, 15))], "t", max_units=8)
 
 
+def _plane_wave_units(n: int = 8, seed: int = 3):
+    """Units ±cos(2π(a·y + b·x)/n + φ) of known, distinct radial frequencies √(a²+b²)/n, each with an inverse
+    (-c times it, c in 0.3..2, plus 1 % noise), random phases, rows shuffled.
+
+    Returns the (2K, n²) weights, the expected pairs (as sets of rows) from low to high frequency, and the
+    frequencies."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:n, :n]
+    waves = [(0, 1), (1, 1), (0, 2), (2, 1), (2, 2), (3, 0), (3, 1), (3, 2), (3, 3)]  # radii strictly increasing
+    radii = [np.hypot(a, b) / n for a, b in waves]
+    assert np.all(np.diff(radii) > 0)
+    base = np.stack([np.cos(2 * np.pi * (a * yy + b * xx) / n + rng.uniform(0, 2 * np.pi)).ravel() for a, b in waves])
+    k = len(base)
+    units = np.concatenate([base, -rng.uniform(0.3, 2.0, size=(k, 1)) * base])
+    units += 0.01 * rng.normal(size=units.shape)
+    perm = rng.permutation(2 * k)
+    row = np.argsort(perm)  # row[u] = where unit u ended up
+    return units[perm], [{int(row[u]), int(row[u + k])} for u in range(k)], radii
+
+
+def test_spatial_frequency_of_plane_waves_is_their_radius():
+    n = 8
+    yy, xx = np.mgrid[:n, :n]
+    for a, b in [(0, 0), (0, 1), (1, 2), (3, 3), (2, -3)]:
+        for phase in (0.0, 1.0):
+            wave = -2.5 * np.cos(2 * np.pi * (a * yy + b * xx) / n + phase)
+            assert figures._spatial_frequency(wave) == pytest.approx(np.hypot(a, b) / n, abs=1e-12)
+    assert figures._spatial_frequency((-1.0) ** (xx + yy)) == pytest.approx(np.sqrt(2) / 2)
+
+
+def test_fig5_pairs_plane_waves_with_their_inverse_in_frequency_order():
+    w, expected, radii = _plane_wave_units()
+    pairs = figures.pair_units(w)
+    assert [set(p) for p in pairs] == expected  # every pair found, and exactly in increasing frequency
+    freqs = [figures._spatial_frequency(w[u].reshape(8, 8)) for u, _ in pairs]
+    np.testing.assert_allclose(freqs, radii, atol=2e-3)  # 1 % noise moves the centroid a little
+    # Odd D_S: the unit whose partner was removed is left as (u, None); the others still pair exactly.
+    pairs = figures.pair_units(w[:-1])
+    assert sum(v is None for _, v in pairs) == 1 and len(pairs) == len(expected)
+    kept = [set(p) for p in pairs if None not in p]
+    assert all(p in expected for p in kept) and len(kept) == len(expected) - 1
+
+    fig = figures._build_fig5([w], "title", max_units=len(w))
+    shown = [np.asarray(ax.images[0].get_array()).ravel() for ax in fig.axes if ax.images]
+    assert len(shown) == len(w)
+    for a, b in zip(shown[::2], shown[1::2]):  # each unit next to its inverse
+        assert a @ b / (np.linalg.norm(a) * np.linalg.norm(b)) < -0.99
+    np.testing.assert_allclose([figures._spatial_frequency(a.reshape(8, 8)) for a in shown[::2]], radii, atol=2e-3)
+
+
+@pytest.fixture
+def permute_df():
+    """Two models x the three Fig. 4 pipelines; the Mixer has two seeds of `none`; one ResNet run is missing."""
+    rows = [
+        ("Micro-4", "none", 0.80), ("Micro-4", "none", 0.84), ("Micro-4", "patches", 0.82), ("Micro-4", "pixels", 0.44),
+        ("BiT-Micro", np.nan, 0.90), ("BiT-Micro", "pixels", 0.225),
+    ]
+    return pd.DataFrame([{"variant": v, "permute": p, "fewshot_5shot": acc, "status": "FINISHED"}
+                         for v, p, acc in rows])
+
+
+def _bars(ax):
+    """(x centre, height) of the bars of a panel, left to right."""
+    return sorted((round(r.get_x() + r.get_width() / 2, 6), r.get_height()) for r in ax.patches)
+
+
+def test_fig4_one_panel_per_model_bars_per_pipeline(permute_df, tmp_path):
+    fig = figures._build_fig4(permute_df, "fewshot_5shot")
+    mixer, resnet = fig.axes[:2]  # Mixer variants first (size order), other names after
+    assert mixer.get_title() == "Micro-4" and resnet.get_title() == "BiT-Micro"
+    assert [t.get_text() for t in mixer.get_xticklabels()] == ["original", "patches", "pixels"]
+    np.testing.assert_allclose(_bars(mixer), [(0, 82.0), (1, 82.0), (2, 44.0)])  # mean of the two `none` runs
+    np.testing.assert_allclose(_bars(resnet), [(0, 90.0), (2, 22.5)])  # NaN permute = original; no `patches` run
+    texts = _texts(fig)
+    assert "-75%" in texts and "-46%" in texts and "no run" in texts  # change relative to the original images
+    assert mixer.get_shared_y_axes().joined(mixer, resnet)
+    _assert_files(figures.fig4_permutation(permute_df, tmp_path), ".png", ".pdf")
+
+
+def test_fig4_explains_missing_data(permute_df):
+    fig = figures._build_fig4(permute_df.drop(columns=["permute"]), "fewshot_5shot")
+    assert "no column permute" in _texts(fig) and not fig.axes[0].patches
+    fig = figures._build_fig4(permute_df.assign(fewshot_5shot=np.nan), "fewshot_5shot")
+    assert "no trials with fewshot_5shot yet" in _texts(fig)
+
+
 def test_results_table(df, tmp_path):
     shuffled = df.sample(frac=1.0, random_state=0).drop(columns=["core_seconds"])
     md, csv = figures.results_table(shuffled, tmp_path)
@@ -250,7 +336,8 @@ def test_results_table(df, tmp_path):
     first = [c.strip() for c in lines[2].strip("|").split("|")]
     assert first[:3] == ["Micro-4", "224", "3%"]
     assert first[7] == "20.0"  # 5-shot accuracy in percent, one decimal
-    assert first[9] == "1.00e+15" and first[10] == "–"
+    assert first[8] == "–"  # no fine-tuned top-1 in these rows
+    assert first[10] == "1.00e+15" and first[11] == "–"
     assert "–" in lines[3]  # the missing 5-shot value
 
 

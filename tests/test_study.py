@@ -17,9 +17,10 @@ from analysis.results import load_study
 from tests.conftest import CLI, REPO, cli_env, run_cli, study_dict, write_study
 
 NAME = "grid"
-GRID = {"model.variant": ["Nano-4", "Micro-4"], "data.fraction": [0.1, 1.0]}
+# Families mixed in one grid: a Mixer and a ViT of the same CPU size (Fig. 2 right draws one curve per model).
+GRID = {"model.variant": ["Nano-4", "ViT-Nano/4"], "data.fraction": [0.1, 1.0]}
 TRIALS = ["variant=Nano-4,fraction=0.1", "variant=Nano-4,fraction=1.0",
-          "variant=Micro-4,fraction=0.1", "variant=Micro-4,fraction=1.0"]
+          "variant=ViT-Nano_4,fraction=0.1", "variant=ViT-Nano_4,fraction=1.0"]
 
 
 def _finished_trials(uri: str) -> list[str]:

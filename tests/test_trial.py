@@ -11,6 +11,8 @@ from mlflow.tracking import MlflowClient
 from analysis.results import load_study
 from tests.conftest import cli_env, run_cli, study_dict, write_study
 from workers.checkpoint import load_model
+from workers.model import MlpMixer, forward_flops
+from workers.resolution import mixer_to_resolution
 
 STEPS = 150
 
@@ -19,6 +21,9 @@ def test_two_worker_trial_learns_and_logs(tmp_path: Path, digits16: Path) -> Non
     study = write_study(tmp_path / "one.yaml", study_dict(
         "one", digits16, model={"variant": "Micro-4"},
         train={"steps": STEPS, "batch_size": 32, "eval_every": 50, "checkpoint_every": 50, "log_every": 10},
+        # The paper's fine-tuning stage: a 2-lr sweep at twice the resolution (Mixer: block-diagonal token mixing).
+        finetune={"train": str(digits16 / "train"), "test": str(digits16 / "test"), "steps": 8, "batch_size": 16,
+                  "lr": [0.01, 0.1], "warmup_steps": 2, "image_size": 32},
     ))
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     result = run_cli(["train", "--config", str(study), "--tracking-uri", uri, "--storage", str(tmp_path / "runs")],
@@ -66,11 +71,23 @@ def test_two_worker_trial_learns_and_logs(tmp_path: Path, digits16: Path) -> Non
     assert run.data.tags["mixer.role"] == "train" and run.data.tags["mixer.attempts"] == "1"
     assert load_study(uri, "one").empty
     contexts = [t.value for i in run.inputs.dataset_inputs for t in i.tags if t.key == "mlflow.data.context"]
-    assert sorted(contexts) == ["fewshot-test", "fewshot-train", "train", "val"]  # one input per split
+    assert sorted(contexts) == ["fewshot-test", "fewshot-train", "finetune-test", "finetune-train", "train",
+                                "val"]  # one input per split
     for key in ("val/acc", "val/loss", "train/loss"):  # every point once
         steps = [m.step for m in client.get_metric_history(run.info.run_id, key)]
         assert len(steps) == len(set(steps)), (key, steps)
     assert 0 < metrics["perf/mfu"] <= 1.5 and metrics["compute/train_seconds"] < metrics["compute/wall_seconds"]
+
+    # Fine-tuning: one Ray Train run per lr, the best kept; its compute is accounted separately.
+    tops = {lr: metrics[f"finetune/top1_lr{lr}"] for lr in ("0.01", "0.1")}
+    best = max(tops, key=lambda lr: (tops[lr], lr == "0.01"))  # a tie goes to the first lr of the sweep
+    assert metrics["finetune/top1"] == tops[best] == metrics["finetune/top1_32px"] and 0.1 < tops[best] <= 1
+    assert metrics["finetune/best_lr"] == float(best) and metrics["finetune/image_size"] == 32
+    flops = forward_flops(mixer_to_resolution(MlpMixer("Micro-4", 16, 10), 32).variant, 32, 10)
+    assert metrics["compute/finetune_flops"] == 2 * 3 * flops * 8 * 16  # two runs of 8 steps x 16 images
+    assert run.data.tags["finetune.best_lr"] == best and "step_00000008" in run.data.tags["finetune.checkpoint"]
+    assert run.data.tags["ray.finetune_run"].endswith(f"train-base-finetune-lr{best}")
+    assert "finetune/train_loss_lr0.01" in metrics and "compute/finetune_flops_lr0.01" in metrics
 
     # Rerunning the name with an edited recipe is refused before Ray starts (it would resume the old checkpoints).
     edited = run_cli(["train", "--config", str(study), "--set", "optim.lr=0.01", "--name", "train-base",

@@ -69,14 +69,29 @@ class DataConfig(_Strict):
         " patches = shuffle the order of the PxP patches and permute the pixels inside each patch (one shared"
         " permutation); pixels = permute the pixels of the whole image",
     )
-    permute_seed: int = Field(0, description="seed of the fixed permutation of data.permute")
+    permute_seed: int = Field(0, ge=0, description="seed of the fixed permutation of data.permute")
+    permute_patch: int = Field(
+        16, gt=0, description="patch size P of data.permute: patches (the paper: 16, as Mixer-B/16); Mixer is"
+        " invariant to it only when P is its own patch size; must divide the image size",
+    )
     shuffle_buffer: int = Field(256, ge=1)
     loader_workers: int = Field(0, ge=0, description="DataLoader processes per training worker")
+
+    @model_validator(mode="after")
+    def _whole_patches(self) -> DataConfig:
+        # Without data.image_size (the manifest's size), the shard reader checks the same when it starts.
+        if self.permute == "patches" and self.image_size and self.image_size % self.permute_patch:
+            raise ValueError(
+                f"data.permute_patch ({self.permute_patch}) must divide data.image_size ({self.image_size}):"
+                " data.permute: patches cuts the image into whole P x P patches"
+            )
+        return self
 
 
 class ModelConfig(_Strict):
     variant: str = Field(
-        description="SIZE/PATCH or SIZE-PATCH, SIZE in workers.model.SIZES: e.g. B/16, B-16, Micro-4, S/8"
+        description="a variant of any family in workers.registry: Mixer SIZE/PATCH (B/16, B-16, Micro-4, S/8), ViT"
+        " (ViT-B/16, ViT-Micro/4), BiT (BiT-R50x1, BiT-Micro)"
     )
     stoch_depth: float = Field(0.0, ge=0.0, lt=1.0, description="drop rate of the last block (big_vision 0.1)")
     dropout: float = Field(0.0, ge=0.0, lt=1.0, description="dropout on pre_logits before the head")
@@ -88,9 +103,9 @@ class ModelConfig(_Strict):
     @field_validator("variant")
     @classmethod
     def _known_variant(cls, name: str) -> str:
-        from workers.model import get_variant
+        from workers.registry import get_variant
 
-        return get_variant(name).name  # raises ValueError listing the known names; canonicalises B/16 -> B-16
+        return get_variant(name).name  # ValueError lists the families and names; B/16 -> B-16, ViT-B-16 -> ViT-B/16
 
 
 class OptimConfig(_Strict):

@@ -28,9 +28,10 @@ from workers.augment import mixup
 from workers.config import TrialConfig, head_bias
 from workers.fractions import fraction_slices, subset_size
 from workers.manifest import load_manifest
-from workers.model import MlpMixer, train_flops_per_image
 from workers.optim import build_optimizer, classification_loss, clip_by_global_norm, set_lr
+from workers.permute import permute_spec
 from workers.precision import resolve_precision
+from workers.registry import build_model, train_flops_per_image
 from workers.shard_reader import ShardDataset, make_loader
 
 
@@ -114,7 +115,7 @@ class Trainer:
 
         # The seed fixes the initial weights (identical on every rank, as DDP requires) and, below, the data order.
         torch.manual_seed(tr.seed)
-        self.module = MlpMixer(
+        self.module = build_model(  # any family of workers.registry (Mixer, ViT, BiT)
             trial.model.variant, image_size=self.image_size, num_classes=self.num_classes,
             stoch_depth=trial.model.stoch_depth, dropout=trial.model.dropout,
             head_bias_init=head_bias(trial.model, tr.loss, self.num_classes),
@@ -124,6 +125,9 @@ class Trainer:
         self.precision = resolve_precision(tr.precision, self.device)
         self.flops_per_image = train_flops_per_image(self.module.variant, self.image_size, self.num_classes)
         self.progress = Progress()
+        # Rank 0: a CPU copy of the best checkpointed weights of this segment, for the evaluation after training
+        # (workers.train.best_model reads earlier segments' best from storage instead).
+        self.best_state: dict[str, Tensor] | None = None
 
     # -- state ---------------------------------------------------------------------------------------------------
 
@@ -152,6 +156,7 @@ class Trainer:
             fraction_slices(self.train_manifest, data.fraction), train=True, rank=self.rank,
             world_size=self.world_size, seed=self._seed(self.progress.step), repeat=True,
             shuffle_buffer=data.shuffle_buffer, augment=data.augment, image_size=self.image_size,
+            permute=permute_spec(data),
         )
         per_rank = self.trial.train.batch_size // self.world_size
         return _infinite(make_loader(dataset, per_rank, data.loader_workers, pin_memory=self.device.type == "cuda"))
@@ -160,7 +165,7 @@ class Trainer:
         data = self.trial.data
         dataset = ShardDataset(
             fraction_slices(self.val_manifest, 1.0), train=False, rank=self.rank, world_size=self.world_size,
-            augment=data.augment, image_size=self.image_size,
+            augment=data.augment, image_size=self.image_size, permute=permute_spec(data),
         )
         return make_loader(dataset, self.trial.train.batch_size // self.world_size, data.loader_workers)
 
@@ -227,12 +232,15 @@ class Trainer:
         torch.manual_seed(self._seed(progress.step, self.rank, 13))
         batches, val_loader = self.train_batches(), self.val_loader()
         segment_start, segment_cpu = time.perf_counter(), process_tree_cpu_seconds()
+        self.first_step_unix = None  # wall-clock marks of this segment, for the per-trial overhead (time/*)
         wall_before, cpu_before = progress.wall_seconds, progress.cpu_seconds
         window_loss = torch.zeros((), device=self.device)
         window_steps, window_time, grad_norm = 0, 0.0, torch.zeros(())
         self.module.train()
         while progress.step < tr.steps:
             started = time.perf_counter()
+            if self.first_step_unix is None:
+                self.first_step_unix = time.time()
             images, labels = next(batches)
             loss, grad_norm = self.train_step(images, labels)
             window_loss += loss
@@ -273,8 +281,14 @@ class Trainer:
                                      "compute/wall_seconds": progress.wall_seconds}
         if checkpoint and val_acc > progress.best_val_acc:  # strict: the earliest of equal checkpoints wins
             progress.best_val_acc, progress.best_step = val_acc, step
+            if self.rank == 0:
+                self.best_state = {k: v.detach().to("cpu", copy=True) for k, v in self.module.state_dict().items()}
         if step == tr.steps:
             metrics.update(self.compute_metrics())
+            # Start and end of the last segment's step loop: trial start -> first step and train end -> trial end
+            # are the per-trial overhead that `analysis.timeline` reports.
+            metrics.update({"time/first_step_unix": self.first_step_unix or time.time(),
+                            "time/train_end_unix": time.time()})
         if self.log:
             self.log({k: v for k, v in metrics.items() if k != "step"}, step)
         report(metrics, checkpoint)
