@@ -181,12 +181,15 @@ def run_trial(job_dict: dict[str, Any], in_tune: bool = False) -> dict[str, floa
         checkpoint, best_metrics = best_checkpoint(result)
         client.set_tag(run_id, "checkpoint.best", _checkpoint_uri(checkpoint))
         client.set_tag(run_id, "ray.train_run", result.path)
-        final = {"best/val_acc": best_metrics["val/acc"], "best/step": best_metrics["step"]}
-        # The few-shot ran on rank 0 inside the worker group (pipeline.trial_worker); its metrics come back in the
-        # run's last report.
-        final.update({k: v for k, v in (result.metrics or {}).items() if k.startswith("fewshot/")})
-        if trial.fewshot.enabled and not any(k.startswith("fewshot/") for k in final):
-            raise RuntimeError(f"trial {job.name}: the workers reported no few-shot metrics")
+        # The workers logged best/* (at the last step) and, on rank 0, the few-shot of the best model to this run;
+        # every metric is logged once, by whoever computed it.
+        logged = client.get_run(run_id).data.metrics
+        if logged.get("best/step") != best_metrics["step"]:
+            raise RuntimeError(f"trial {job.name}: the workers' best step {logged.get('best/step')} is not Ray's best "
+                               f"checkpoint (step {best_metrics['step']})")
+        if trial.fewshot.enabled and not any(k.startswith("fewshot/") for k in logged):
+            raise RuntimeError(f"trial {job.name}: the workers logged no few-shot metrics to run {run_id}")
+        final: dict[str, float] = {}
         if trial.finetune.enabled:  # the paper's fine-tuning of the best checkpoint, on the trial's resources
             final.update(run_finetune(job_dict, checkpoint, client, run_id))
         # This attempt's process started when Tune (or the `train` verb) launched it: with the end, the span whose
@@ -195,7 +198,8 @@ def run_trial(job_dict: dict[str, Any], in_tune: bool = False) -> dict[str, floa
         for key, value in final.items():
             client.log_metric(run_id, key, float(value), step=trial.train.steps)
         ok = True
-        return final
+        headline = {k: v for k, v in logged.items() if k.split("/")[0] in ("best", "fewshot")}
+        return {**headline, **{k: v for k, v in final.items() if k.startswith("finetune/")}}
     finally:
         end_run(client, run_id, ok)
 

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from workers.config import TrialConfig
 from workers.shard_writer import shards_from_digits
 
 CLI = [sys.executable, "-m", "pipeline.cli"]
@@ -45,8 +46,8 @@ def study_dict(study_name: str, data: Path, **sections) -> dict:
         "resources": {"workers_per_trial": 2, "cpus_per_worker": 1},
     }
     for section, value in sections.items():
-        if section in study["base"] and isinstance(value, dict):
-            study["base"][section] = {**study["base"][section], **value}
+        if section in TrialConfig.model_fields and isinstance(value, dict):  # a recipe section: merged into base
+            study["base"][section] = {**study["base"].get(section, {}), **value}
         else:
             study[section] = value
     return study

@@ -39,7 +39,7 @@ def train_loop_per_worker(config: dict[str, Any], evaluate_best: EvaluateBest | 
     "system_metrics"} | None, "cpus_per_worker": int, "measure_throughput": bool}.
 
     ``evaluate_best`` runs on rank 0 with the worker's reserved cores before the worker group exits (no extra
-    process, no resources taken from the next trial); its metrics go to MLflow and, in a last report, to the driver.
+    process, no resources taken from the next trial); its metrics go to the trial's MLflow run.
     """
     trial = TrialConfig.model_validate(config["trial"])
     ctx = ray.train.get_context()
@@ -92,11 +92,11 @@ def _train(trial: TrialConfig, config: dict[str, Any], rank: int, world_size: in
             metrics.update({"perf/img_per_s_per_core": best / (cores if device.type == "cpu" else 1),
                             "perf/best_batch_size": batch})
         tracker.log(metrics, trial.train.steps)
-    if evaluate_best is None:
-        return
-    final = evaluate_best(best_model(trainer), trial) if rank == 0 else {}
-    # Every rank reports (a barrier); the driver logs rank 0's metrics from the run's result, once.
-    ray.train.report(final)
+    if tracker and evaluate_best is not None:
+        # Rank 0 logs the evaluation to the trial's MLflow run, the driver reads it back from there: Ray Train's
+        # Result carries only the metrics of the latest checkpoint, not of a report after it.
+        tracker.log(evaluate_best(best_model(trainer), trial), trial.train.steps)
+        tracker.flush()
 
 
 def best_model(trainer: Trainer) -> nn.Module:
