@@ -44,7 +44,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from workers.model import SIZES as MIXER_SIZES
-from workers.model import drop_path, lecun_normal_
+from workers.model import check_classifier_args, drop_path, lecun_normal_
 from workers.model import get_variant as mixer_variant
 from workers.model import param_count as mixer_param_count
 
@@ -325,12 +325,7 @@ class ResNetV2(nn.Module):
         head_bias_init: float = 0.0,
     ) -> None:
         super().__init__()
-        if not 0.0 <= stoch_depth < 1.0:
-            raise ValueError(f"stoch_depth must be in [0, 1), got {stoch_depth}")
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
-        if num_classes < 0:
-            raise ValueError(f"num_classes must be >= 0, got {num_classes}")
+        check_classifier_args(stoch_depth, dropout, num_classes)
         self.variant = v = _as_variant(variant)
         check_fits(v, image_size)
         if v.width % v.num_groups:

@@ -35,7 +35,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -49,7 +48,14 @@ from workers.precision import resolve_precision
 from workers.registry import forward_flops
 from workers.resolution import to_resolution
 from workers.shard_reader import ShardDataset, make_loader
-from workers.trainer import ReportFn, _infinite, _sum_over_ranks, process_tree_cpu_seconds
+from workers.trainer import (
+    ReportFn,
+    _infinite,
+    _sum_over_ranks,
+    evaluate_split,
+    process_tree_cpu_seconds,
+    sync_device,
+)
 
 __all__ = ["FineTuner", "FinetuneProgress", "cosine_multiplier", "model_forward_flops", "reset_head"]
 
@@ -232,28 +238,12 @@ class FineTuner:
         self.progress.step += 1
         return loss.detach(), grad_norm.detach()
 
-    @torch.no_grad()
     def evaluate(self, loader) -> tuple[float, float]:
         """(mean softmax cross-entropy, top-1) over the whole split, summed across ranks."""
-        self.module.eval()
-        totals = torch.zeros(3, dtype=torch.float64, device=self.device)  # loss sum, correct, count
-        for images, labels in loader:
-            images, labels = images.to(self.device), labels.to(self.device)
-            with self._autocast():
-                logits, _ = self.module(images)
-            targets = F.one_hot(labels, self.num_classes).float()
-            totals[0] += classification_loss(logits, targets, "softmax") * labels.numel()
-            totals[1] += (logits.argmax(-1) == labels).sum()
-            totals[2] += labels.numel()
-        self.module.train()
-        if dist.is_initialized():
-            dist.all_reduce(totals)
-        loss_sum, correct, count = totals.tolist()
-        return loss_sum / count, correct / count
+        return evaluate_split(self.module, loader, self.device, self.num_classes, "softmax", self._autocast())
 
     def _sync(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
+        sync_device(self.device)
 
     # -- the loop ------------------------------------------------------------------------------------------------
 

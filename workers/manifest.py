@@ -152,6 +152,15 @@ def _manifest_from_json(url: str, doc: Any) -> Manifest:
     return manifest
 
 
+def write_manifest(manifest: Manifest) -> None:
+    """Write ``manifest.json`` at ``manifest.url`` (creating its folder). Writers call it last, so a split folder
+    without a manifest is an interrupted write."""
+    fs, path = fsspec.core.url_to_fs(manifest.folder)
+    fs.makedirs(path, exist_ok=True)
+    with fsspec.open(manifest.url, "w") as f:
+        json.dump(_manifest_to_json(manifest), f, indent=1)
+
+
 def load_manifest(url: str) -> Manifest:
     """Load ``manifest.json`` from its URL or its folder's URL (local path, file://, s3://, gs://, http(s)://)."""
     url = _normalize_url(url)

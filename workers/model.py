@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 __all__ = [
+    "check_classifier_args",
     "SIZES",
     "VARIANTS",
     "MixerBlock",
@@ -223,6 +224,16 @@ def lecun_normal_(weight: Tensor) -> Tensor:
     return nn.init.trunc_normal_(weight, mean=0.0, std=std, a=-2.0 * std, b=2.0 * std)
 
 
+def check_classifier_args(stoch_depth: float, dropout: float, num_classes: int) -> None:
+    """The constructor checks every model family (Mixer, ViT, BiT) makes, in one wording."""
+    if not 0.0 <= stoch_depth < 1.0:
+        raise ValueError(f"stoch_depth must be in [0, 1), got {stoch_depth}")
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+    if num_classes < 0:
+        raise ValueError(f"num_classes must be >= 0, got {num_classes}")
+
+
 def drop_path(x: Tensor, rate: float, training: bool) -> Tensor:
     """Stochastic depth: zero the whole residual branch of each example with probability ``rate``.
 
@@ -295,12 +306,7 @@ class MlpMixer(nn.Module):
         head_bias_init: float = 0.0,
     ) -> None:
         super().__init__()
-        if not 0.0 <= stoch_depth < 1.0:
-            raise ValueError(f"stoch_depth must be in [0, 1), got {stoch_depth}")
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
-        if num_classes < 0:
-            raise ValueError(f"num_classes must be >= 0, got {num_classes}")
+        check_classifier_args(stoch_depth, dropout, num_classes)
         self.variant = v = _as_variant(variant)
         self.image_size = image_size
         self.num_classes = num_classes

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
 import math
 import posixpath
 from collections.abc import Iterable
@@ -30,7 +29,7 @@ import numpy as np
 import webdataset as wds
 from PIL import Image
 
-from workers.manifest import MANIFEST_NAME, Manifest, ShardInfo, _join, _manifest_to_json, _normalize_url
+from workers.manifest import MANIFEST_NAME, Manifest, ShardInfo, _join, _normalize_url, write_manifest
 
 SHARD_PATTERN = "shard-{:06d}.tar"
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
@@ -153,8 +152,7 @@ def write_split(
         image_size=image_size,
         num_samples=sum(s.num_samples for s in shards),
     )
-    with fsspec.open(manifest.url, "w") as f:
-        json.dump(_manifest_to_json(manifest), f, indent=1)
+    write_manifest(manifest)
     return manifest
 
 

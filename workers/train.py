@@ -18,6 +18,7 @@ from typing import Any
 
 import ray.train
 import ray.train.torch
+import torch
 from torch import nn
 
 from workers.checkpoint import load_model, read_state, write_checkpoint
@@ -41,22 +42,28 @@ def train_loop_per_worker(config: dict[str, Any], evaluate_best: EvaluateBest | 
     ``evaluate_best`` runs on rank 0 with the worker's reserved cores before the worker group exits (no extra
     process, no resources taken from the next trial); its metrics go to the trial's MLflow run.
     """
+    with _worker(config) as (trial, rank, world_size, device, cores, tracker):
+        _train(trial, config, rank, world_size, device, cores, tracker, evaluate_best)
+
+
+@contextlib.contextmanager
+def _worker(config: dict[str, Any]) -> Iterator[tuple[TrialConfig, int, int, torch.device, int, Any]]:
+    """(trial, rank, world_size, device, cores, rank 0's MLflow logger or None) of this Ray Train worker; the
+    logger is closed at the end, also when training fails."""
     trial = TrialConfig.model_validate(config["trial"])
     ctx = ray.train.get_context()
     rank, world_size = ctx.get_world_rank(), ctx.get_world_size()
-    device = ray.train.torch.get_device()
-    cores = max(1, int(config.get("cpus_per_worker", 1)))
-
     tracker = None
     if rank == 0 and config.get("mlflow"):
         from workers.track import RunLogger  # only rank 0 talks to MLflow (and pays its import)
 
         tracker = RunLogger(**config["mlflow"])
     try:
-        _train(trial, config, rank, world_size, device, cores, tracker, evaluate_best)
+        yield (trial, rank, world_size, ray.train.torch.get_device(), max(1, int(config.get("cpus_per_worker", 1))),
+               tracker)
     finally:
         if tracker:
-            tracker.close()  # flushes, and stops the system-metrics sampler even when training failed
+            tracker.close()  # flushes, and stops the system-metrics sampler
 
 
 def _train(trial: TrialConfig, config: dict[str, Any], rank: int, world_size: int, device, cores: int,
@@ -147,21 +154,8 @@ def finetune_loop_per_worker(config: dict[str, Any]) -> None:
     reports every ``max(finetune.steps // 4, 1)`` steps with a checkpoint, rank 0 uploading it, as the
     pre-training loop does. The last report carries ``finetune/top1`` and ``compute/finetune_flops``.
     """
-    trial = TrialConfig.model_validate(config["trial"])
-    ctx = ray.train.get_context()
-    rank, world_size = ctx.get_world_rank(), ctx.get_world_size()
-    device = ray.train.torch.get_device()
-    cores = max(1, int(config.get("cpus_per_worker", 1)))
-    tracker = None
-    if rank == 0 and config.get("mlflow"):
-        from workers.track import RunLogger
-
-        tracker = RunLogger(**config["mlflow"])
-    try:
+    with _worker(config) as (trial, rank, world_size, device, cores, tracker):
         _finetune(trial, config, rank, world_size, device, cores, tracker)
-    finally:
-        if tracker:
-            tracker.close()
 
 
 def _finetune(trial: TrialConfig, config: dict[str, Any], rank: int, world_size: int, device, cores: int,

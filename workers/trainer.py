@@ -67,6 +67,34 @@ def _sum_over_ranks(values: list[float], device: torch.device) -> list[float]:
     return tensor.tolist()
 
 
+@torch.no_grad()
+def evaluate_split(module: nn.Module, loader, device: torch.device, num_classes: int, loss: str,
+                   autocast) -> tuple[float, float]:
+    """(mean ``loss`` on one-hot targets, top-1) over a whole split, summed across ranks (each rank holds a disjoint
+    part of it); the module is back in training mode afterwards."""
+    module.eval()
+    totals = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, correct, count
+    for images, labels in loader:
+        images, labels = images.to(device), labels.to(device)
+        with autocast:
+            logits, _ = module(images)
+        targets = F.one_hot(labels, num_classes).float()
+        totals[0] += classification_loss(logits, targets, loss) * labels.numel()
+        totals[1] += (logits.argmax(-1) == labels).sum()
+        totals[2] += labels.numel()
+    module.train()
+    if dist.is_initialized():
+        dist.all_reduce(totals)
+    loss_sum, correct, count = totals.tolist()
+    return loss_sum / count, correct / count
+
+
+def sync_device(device: torch.device) -> None:
+    """Wait for the GPU's queued work (timing boundaries only; a no-op on CPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def _infinite(loader) -> Iterator:
     while True:
         yield from loader
@@ -196,29 +224,13 @@ class Trainer:
         self.progress.step += 1
         return loss.detach(), grad_norm.detach()
 
-    @torch.no_grad()
     def evaluate(self, loader) -> tuple[float, float]:
-        """Mean loss (the training loss, on one-hot targets) and top-1 over the whole val split, summed across
-        ranks (each rank holds a disjoint part)."""
-        self.module.eval()
-        totals = torch.zeros(3, dtype=torch.float64, device=self.device)  # loss sum, correct, count
-        for images, labels in loader:
-            images, labels = images.to(self.device), labels.to(self.device)
-            with self._autocast():
-                logits, _ = self.module(images)
-            targets = F.one_hot(labels, self.num_classes).float()
-            totals[0] += classification_loss(logits, targets, self.trial.train.loss) * labels.numel()
-            totals[1] += (logits.argmax(-1) == labels).sum()
-            totals[2] += labels.numel()
-        self.module.train()
-        if dist.is_initialized():
-            dist.all_reduce(totals)
-        loss_sum, correct, count = totals.tolist()
-        return loss_sum / count, correct / count
+        """Mean loss (the training loss, on one-hot targets) and top-1 over the whole val split."""
+        return evaluate_split(self.module, loader, self.device, self.num_classes, self.trial.train.loss,
+                              self._autocast())
 
     def _sync(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
+        sync_device(self.device)
 
     # -- the loop ------------------------------------------------------------------------------------------------
 

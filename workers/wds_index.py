@@ -48,7 +48,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
 import math
 import os
 import pickle
@@ -67,7 +66,7 @@ from PIL import Image
 from webdataset.shardlists import expand_urls
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
-from workers.manifest import MANIFEST_NAME, Manifest, ShardInfo, _join, _manifest_to_json, _normalize_url
+from workers.manifest import MANIFEST_NAME, Manifest, ShardInfo, _join, _normalize_url, write_manifest
 from workers.shard_reader import IMAGE_EXTENSIONS, LABEL_KEYS, sample_label
 from workers.shard_writer import _TAR_MTIME, SHARD_PATTERN, _HashingWriter
 
@@ -269,13 +268,6 @@ def check_not_sorted(labels: Sequence[int] | np.ndarray, what: str) -> Sortednes
 # Indexing
 
 
-def _write_manifest(manifest: Manifest) -> None:
-    fs, path = fsspec.core.url_to_fs(manifest.folder)
-    fs.makedirs(path, exist_ok=True)
-    with fsspec.open(manifest.url, "w") as f:
-        json.dump(_manifest_to_json(manifest), f, indent=1)
-
-
 def index_webdataset(
     urls_pattern: str,
     out_dir: str,
@@ -312,7 +304,7 @@ def index_webdataset(
         image_size=_image_size(scans),
         num_samples=len(labels),
     )
-    _write_manifest(manifest)
+    write_manifest(manifest)
     return manifest
 
 
@@ -431,5 +423,5 @@ def reshard(
         image_size=_image_size(scans),
         num_samples=sum(s.num_samples for s in shards),
     )
-    _write_manifest(manifest)  # last: a split folder without a manifest is an interrupted write
+    write_manifest(manifest)  # last: a split folder without a manifest is an interrupted write
     return manifest
