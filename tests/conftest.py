@@ -6,6 +6,7 @@ would), and a crash or kill in one test cannot leave a Ray instance behind in th
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import subprocess
@@ -67,6 +68,22 @@ def cli_env(tmp_path: Path, **extra: str) -> dict[str, str]:
 def run_cli(args: list[str], env: dict[str, str], timeout: float = 600, cwd: Path | None = None):
     """Run `mixer-study ARGS` to completion; returns the CompletedProcess (stdout+stderr text)."""
     return subprocess.run(CLI + args, env=env, cwd=cwd or REPO, capture_output=True, text=True, timeout=timeout)
+
+
+def stop_processes_mentioning(marker: str, timeout: float = 20) -> None:
+    """Stop the processes whose command line contains ``marker`` (a test's own temp dir or port): SIGTERM, then
+    SIGKILL what is left. Nothing else on the machine is touched."""
+    import psutil
+
+    mine = [p for p in psutil.process_iter(["cmdline"]) if marker in " ".join(p.info["cmdline"] or [])
+            and p.pid != os.getpid()]
+    for process in mine:
+        with contextlib.suppress(psutil.Error):
+            process.terminate()
+    _, alive = psutil.wait_procs(mine, timeout=timeout)
+    for process in alive:
+        with contextlib.suppress(psutil.Error):
+            process.kill()
 
 
 def free_port() -> int:

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from tests.conftest import REPO, free_port, study_dict, write_study
+from tests.conftest import REPO, free_port, stop_processes_mentioning, study_dict, write_study
 
 RAY = str(Path(sys.executable).with_name("ray"))
 
@@ -40,12 +40,26 @@ def cluster(tmp_path: Path):
          "--temp-dir", str(temp_dir), "--disable-usage-stats"],
         env=env, capture_output=True, text=True, timeout=180,
     )
-    assert start.returncode == 0, start.stdout + start.stderr
     try:
-        yield {"address": f"http://127.0.0.1:{dashboard}", "env": env}
+        assert start.returncode == 0, start.stdout + start.stderr
+        address = f"http://127.0.0.1:{dashboard}"
+        _wait_for_job_agent(address, env)
+        yield {"address": address, "env": env}
     finally:
-        subprocess.run([RAY, "stop", "--force"], env=env, capture_output=True, timeout=120)
+        stop_processes_mentioning(str(temp_dir))  # this cluster only: never `ray stop`, which stops every Ray here
         shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def _wait_for_job_agent(address: str, env: dict, timeout: float = 120) -> None:
+    """`ray start` returns before the head's job agent accepts jobs ("No available agent to submit job")."""
+    deadline = time.monotonic() + timeout
+    while True:
+        listed = subprocess.run([RAY, "job", "list", "--address", address], env=env, capture_output=True, text=True,
+                                timeout=60)
+        if listed.returncode == 0:
+            return
+        assert time.monotonic() < deadline, f"job server at {address} not ready: {listed.stderr[-2000:]}"
+        time.sleep(2)
 
 
 def test_ray_job_submit_runs_a_study(cluster: dict, tmp_path: Path, digits16: Path) -> None:
