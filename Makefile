@@ -9,10 +9,13 @@ DATA := data/digits-16
 .PHONY: setup demo test bench clean
 setup: $(VENV)/.installed
 
-# torch is pinned to the CPU wheel (torch==2.13.0 in pyproject.toml); an unpinned torch pulls a multi-GB CUDA build.
+# torch is pinned (torch==2.13.0 in pyproject.toml). PyPI's 2.13.0 is the CUDA build (~4 GB with its nvidia
+# libraries), so the CPU build (2.13.0+cpu, which satisfies the pin) goes in first where pip can find it (a local
+# wheel folder, e.g. pip's find-links); elsewhere that step is skipped and the pin takes PyPI's build.
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet 'torch==2.13.0+cpu' || echo "no CPU build of torch 2.13.0 found: using PyPI's"
 	$(BIN)/python -m pip install --quiet -e '.[test]'
 	touch $@
 

@@ -188,9 +188,19 @@ def _ui(args: argparse.Namespace) -> None:
 
 
 def _bench(args: argparse.Namespace) -> None:
-    from pipeline.bench import run_benchmarks
+    from pipeline.bench import bench_config, quick_config, run_benchmarks
 
-    run_benchmarks(variants=args.variants, image_size=args.image_size, batch_size=args.batch_size, out=args.out)
+    overrides = {"variants": tuple(args.variants) if args.variants else None, "image_size": args.image_size,
+                 "batch_sizes": tuple(args.batch_sizes) if args.batch_sizes else None, "paper": args.paper or None,
+                 "threads": args.threads, "repeats": args.repeats, "compile": args.compile or None,
+                 "orchestration": args.orchestration}
+    if args.quick:
+        config = quick_config(**overrides)
+    else:
+        config = bench_config(args.device, **overrides)
+    results = run_benchmarks(config, out=args.out)
+    if results["failed_sections"]:
+        raise SystemExit(1)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -280,10 +290,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=5000)
     p.set_defaults(func=_ui)
 
-    p = verbs.add_parser("bench", help="speed benchmarks: training step fp32 vs bf16, inference, data reading")
-    p.add_argument("--variants", nargs="+", default=["Micro-4", "Mini-4", "S-32"])
-    p.add_argument("--image-size", type=int, default=32)
-    p.add_argument("--batch-size", type=int, default=64)
+    p = verbs.add_parser("bench", help="speed benchmarks: matmul ceiling, training step and inference, loader, "
+                                       "orchestration, few-shot (tables + JSON)")
+    p.add_argument("--variants", nargs="+", help="models at --image-size (default Micro-4 Mini-4 S-32)")
+    p.add_argument("--image-size", type=int, help="resolution of --variants (default 32)")
+    p.add_argument("--batch-sizes", type=int, nargs="+",
+                   help="training batch sweep (default 16 64 256 on CPU, 256 1024 4096 on a GPU)")
+    p.add_argument("--paper", action="store_true", help="also S-32 and B-16 at 224 px (slow on CPU: time-capped)")
+    p.add_argument("--orchestration", action=argparse.BooleanOptionalAction, default=None,
+                   help="run a tiny real study (2 trials x 2 workers, embedded Ray) for per-trial overhead and "
+                        "goodput (default on; off with --quick)")
+    p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu or cuda[:N]")
+    p.add_argument("--threads", type=int, help="torch threads on CPU (default 1: per-core numbers)")
+    p.add_argument("--repeats", type=int, help="timed steps per cell at most (default 10)")
+    p.add_argument("--compile", action="store_true", help="also time torch.compile'd training steps")
+    p.add_argument("--quick", action="store_true", help="a tiny configuration of seconds (Nano-4, 16 px, CPU)")
     p.add_argument("--out", default="bench-results/bench.json")
     p.set_defaults(func=_bench)
     return parser
