@@ -104,3 +104,28 @@ def test_cpu_accounting_includes_child_processes() -> None:
         child.wait()
     assert time.process_time() - own_before < 0.5
     assert process_tree_cpu_seconds() - before >= 0.5  # still counted once the child is reaped (RUSAGE_CHILDREN)
+
+
+def test_fewshot_features_are_float32_and_capped(digits16: Path) -> None:
+    """Point 8: float32 features (not a float64 copy of the downstream split), first N samples as train[:N]."""
+    from analysis.features import extract_features
+    from workers.model import MlpMixer
+
+    model = MlpMixer("Nano-4", image_size=16, num_classes=10)
+    x, y = extract_features(model, str(digits16 / "train"), num_samples=100, crop_fraction=1.0)
+    assert x.dtype == "float32" and x.shape == (100, 32) and len(y) == 100
+    full, _ = extract_features(model, str(digits16 / "train"), crop_fraction=1.0)
+    assert len(full) == 1258 and (full[:100] == x).all()  # the cap is a prefix of the split
+
+
+def test_checkpoints_and_figures_need_no_ray(tmp_path: Path) -> None:
+    """Point 13: report and fewshot rebuild models from checkpoints with workers.checkpoint alone, without Ray."""
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    code = ("import sys\nimport analysis.report, analysis.features, workers.checkpoint\n"
+            "assert not [m for m in sys.modules if m == 'ray' or m.startswith('ray.')], 'ray was imported'\n")
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
