@@ -77,11 +77,12 @@ def _checkpoint_uri(checkpoint: ray.train.Checkpoint) -> str:
 
 
 def best_checkpoint(result: ray.train.Result) -> tuple[ray.train.Checkpoint, dict[str, Any]]:
-    """Early stopping as the paper does it: the checkpoint with the best upstream val/acc (earliest on ties)."""
+    """Early stopping as the paper does it: the checkpoint with the best upstream val/acc; of equal ones the latest,
+    which is the one Ray Train's retention keeps (and the rule workers.trainer applies)."""
     candidates = [(c, m) for c, m in (result.best_checkpoints or []) if "val/acc" in m]
     if not candidates:
         raise RuntimeError(f"trial run {result.path} reported no checkpoint with val/acc")
-    return max(candidates, key=lambda cm: (cm[1]["val/acc"], -cm[1]["step"]))
+    return max(candidates, key=lambda cm: (cm[1]["val/acc"], cm[1]["step"]))
 
 
 def _params(trial: TrialConfig, job: TrialJob, manifest: Manifest) -> dict[str, Any]:

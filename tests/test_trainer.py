@@ -129,3 +129,21 @@ def test_checkpoints_and_figures_need_no_ray(tmp_path: Path) -> None:
             "assert not [m for m in sys.modules if m == 'ray' or m.startswith('ray.')], 'ray was imported'\n")
     done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_best_checkpoint_is_the_latest_of_equals_as_ray_keeps_it(digits16: Path) -> None:
+    """Ray Train's retention evicts the earlier of equally scored checkpoints, so the worker's best step (whose model
+    the few-shot reads) and the driver's best checkpoint must both be the latest of equals, or they disagree."""
+    from types import SimpleNamespace
+
+    from pipeline.trial import best_checkpoint
+
+    trainer = Trainer(_config(digits16, steps=40, eval_every=10, checkpoint_every=10))
+    accuracies = iter([0.5, 0.9, 0.9, 0.8])
+    trainer.evaluate = lambda loader: (1.0, next(accuracies))  # scripted val/acc: steps 20 and 30 tie
+    reported = []
+    trainer.fit(lambda metrics, ckpt: reported.append((f"ckpt{metrics['step']}", dict(metrics))))
+    assert (trainer.progress.best_step, trainer.progress.best_val_acc) == (30, 0.9)
+    kept = SimpleNamespace(best_checkpoints=reported[1:3], path="run")  # what keep_checkpoints=2 leaves
+    checkpoint, metrics = best_checkpoint(kept)
+    assert checkpoint == "ckpt30" and metrics["step"] == trainer.progress.best_step

@@ -291,7 +291,9 @@ class Trainer:
         metrics: dict[str, float] = {"step": step, "val/loss": val_loss, "val/acc": val_acc,
                                      "images_seen": images_seen, "epochs": images_seen / self.train_images,
                                      "compute/wall_seconds": progress.wall_seconds}
-        if checkpoint and val_acc > progress.best_val_acc:  # strict: the earliest of equal checkpoints wins
+        # >=: the latest of equal checkpoints wins, as Ray Train keeps it (its retention evicts the earlier of ties),
+        # so the best step here is always a checkpoint that still exists (pipeline.trial.best_checkpoint agrees).
+        if checkpoint and val_acc >= progress.best_val_acc:
             progress.best_val_acc, progress.best_step = val_acc, step
             if self.rank == 0:
                 self.best_state = {k: v.detach().to("cpu", copy=True) for k, v in self.module.state_dict().items()}
