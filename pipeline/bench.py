@@ -50,9 +50,10 @@ import torch
 import torch.nn.functional as F
 
 from workers.config import AugmentConfig, ModelConfig, OptimConfig, head_bias
-from workers.optim import build_optimizer, classification_loss, clip_by_global_norm, set_lr
+from workers.optim import build_optimizer
 from workers.precision import cpu_has_fast_bf16
 from workers.registry import build_model, check_fits, forward_flops, get_variant, train_flops_per_image
+from workers.trainer import optimizer_update
 
 __all__ = [
     "BenchConfig",
@@ -366,10 +367,10 @@ def train_step_fn(
 ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     """``step(images, labels) -> loss``: one optimiser update as ``workers.trainer.Trainer.train_step`` makes it.
 
-    Line for line the Trainer's step without mixup (off in the CPU studies): move the batch to the device, one-hot
-    targets, ``set_lr`` of the step, autocast forward (bf16 or not), ``classification_loss`` (sigmoid by default),
-    zero_grad, backward, ``clip_by_global_norm`` at ``optim.grad_clip``, AdamW step. ``forward`` replaces the model's
-    call (a ``torch.compile``'d module); parameters and clipping stay on ``model``. The step counter wraps at
+    The Trainer's step without mixup (off in the CPU studies): the batch to the device, one-hot targets, then the
+    same ``workers.trainer.optimizer_update`` (schedule, autocast forward, sigmoid loss by default, backward, exact
+    clipping, AdamW). ``forward`` replaces the model's call (a ``torch.compile``'d module); parameters and clipping
+    stay on ``model``. The step counter wraps at
     ``total_steps`` so the schedule stays in range however long it is timed. tests/test_bench.py checks that it
     updates the weights exactly as the Trainer does.
     """
@@ -380,16 +381,11 @@ def train_step_fn(
         images = images.to(device, non_blocking=True)
         labels = labels.to(device, non_blocking=True)
         targets = F.one_hot(labels, num_classes).float()
-        set_lr(optimizer, state["step"] % total_steps, total_steps, optim)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
-            logits, _ = forward(images)
-        value = classification_loss(logits, targets, loss)
-        optimizer.zero_grad(set_to_none=True)
-        value.backward()
-        clip_by_global_norm(model.parameters(), optim.grad_clip)
-        optimizer.step()
+        autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+        value, _ = optimizer_update(forward, model, optimizer, images, targets, state["step"] % total_steps,
+                                    total_steps, optim, loss, autocast)
         state["step"] += 1
-        return value.detach()
+        return value
 
     return step
 

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from workers.augment import mixup
-from workers.config import TrialConfig, head_bias
+from workers.config import OptimConfig, TrialConfig, head_bias
 from workers.fractions import fraction_slices, subset_size
 from workers.manifest import load_manifest
 from workers.optim import build_optimizer, classification_loss, clip_by_global_norm, set_lr
@@ -65,6 +65,24 @@ def _sum_over_ranks(values: list[float], device: torch.device) -> list[float]:
     if dist.is_initialized():
         dist.all_reduce(tensor)
     return tensor.tolist()
+
+
+def optimizer_update(model: nn.Module, module: nn.Module, optimizer: torch.optim.Optimizer, images: Tensor,
+                     targets: Tensor, step: int, total_steps: int, optim: OptimConfig, loss: str,
+                     autocast) -> tuple[Tensor, Tensor]:
+    """The recipe's update number ``step`` (0-based): learning rate of the schedule, forward under ``autocast``,
+    loss on (one-hot or soft) ``targets``, backward, exact global-norm clipping, AdamW step. ``model`` is what runs
+    the forward (a DDP wrapper, a compiled module), ``module`` the parameters. Returns (loss, pre-clip gradient
+    norm) as device tensors: no host synchronisation. Trials (``Trainer.train_step``) and the bench run this."""
+    set_lr(optimizer, step, total_steps, optim)
+    with autocast:
+        logits, _ = model(images)
+    value = classification_loss(logits, targets, loss)
+    optimizer.zero_grad(set_to_none=True)
+    value.backward()
+    grad_norm = clip_by_global_norm(module.parameters(), optim.grad_clip)
+    optimizer.step()
+    return value.detach(), grad_norm.detach()
 
 
 @torch.no_grad()
@@ -213,16 +231,10 @@ class Trainer:
             # One mixing coefficient per step, the same on every rank (big_vision draws it from the replicated rng).
             generator = torch.Generator().manual_seed(self._seed(step, 7))
             images, targets = mixup(images, targets, trial.data.augment.mixup, generator)
-        set_lr(self.optimizer, step, trial.train.steps, trial.optim)
-        with self._autocast():
-            logits, _ = self.model(images)
-        loss = classification_loss(logits, targets, trial.train.loss)
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        grad_norm = clip_by_global_norm(self.module.parameters(), trial.optim.grad_clip)
-        self.optimizer.step()
+        result = optimizer_update(self.model, self.module, self.optimizer, images, targets, step, trial.train.steps,
+                                  trial.optim, trial.train.loss, self._autocast())
         self.progress.step += 1
-        return loss.detach(), grad_norm.detach()
+        return result
 
     def evaluate(self, loader) -> tuple[float, float]:
         """Mean loss (the training loss, on one-hot targets) and top-1 over the whole val split."""
