@@ -70,26 +70,10 @@ def _train(trial: TrialConfig, config: dict[str, Any], rank: int, world_size: in
            tracker, evaluate_best: EvaluateBest | None) -> None:
     trainer = Trainer(trial, rank=rank, world_size=world_size, device=device, cores=cores,
                       wrap_model=ray.train.torch.prepare_model, log=tracker.log if tracker else None)
-    checkpoint = ray.train.get_checkpoint()  # the latest reported one when Ray restarts or resumes this run
-    if checkpoint is not None:
-        with checkpoint.as_directory() as folder:
-            trainer.load_state_dict(read_state(folder))
-        log.info("rank %d resumes from step %d", rank, trainer.progress.step)
+    _resume(trainer, rank, "training")
     if tracker:
         tracker.set_tag("train.precision_resolved", trainer.precision)
-
-    def report(metrics: dict[str, float], with_checkpoint: bool) -> None:
-        if tracker:
-            tracker.flush()
-        if rank != 0 or not with_checkpoint:  # DDP replicas are identical: rank 0's copy is the checkpoint
-            ray.train.report(metrics, checkpoint=None)
-            return
-        with tempfile.TemporaryDirectory() as folder:
-            write_checkpoint(folder, trainer.module, trainer.state_dict())
-            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder),
-                             checkpoint_dir_name=f"step_{trainer.progress.step:08d}")
-
-    trainer.fit(report)
+    trainer.fit(_reporter(trainer, rank, tracker))
 
     if tracker:
         metrics = {"perf/mfu": mfu(trainer, peak_flops(device, trainer.precision, cores))}
@@ -120,6 +104,33 @@ def best_model(trainer: Trainer) -> nn.Module:
         with ray.train.Checkpoint(path, filesystem=storage.storage_filesystem).as_directory() as folder:
             model = load_model(folder)
     return model.to(trainer.device).eval()
+
+
+def _resume(learner: Trainer | FineTuner, rank: int, what: str) -> None:
+    """Load this Ray Train run's latest checkpoint into ``learner`` (Ray hands it to every worker when it restarts
+    or resumes the run; None on a fresh start)."""
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as folder:
+            learner.load_state_dict(read_state(folder))
+        log.info("rank %d resumes %s from step %d", rank, what, learner.progress.step)
+
+
+def _reporter(learner: Trainer | FineTuner, rank: int, tracker) -> Callable[[dict[str, float], bool], None]:
+    """``report(metrics, with_checkpoint)`` for ``learner.fit``: ``ray.train.report`` on every rank (a barrier), rank 0
+    attaching the checkpoint folder (DDP replicas are identical, one copy is enough); MLflow flushed first."""
+    def report(metrics: dict[str, float], with_checkpoint: bool) -> None:
+        if tracker:
+            tracker.flush()
+        if rank != 0 or not with_checkpoint:
+            ray.train.report(metrics, checkpoint=None)
+            return
+        with tempfile.TemporaryDirectory() as folder:
+            write_checkpoint(folder, learner.module, learner.state_dict())
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder),
+                             checkpoint_dir_name=f"step_{learner.progress.step:08d}")
+
+    return report
 
 
 def mfu(trainer: Trainer, peak: float) -> float:
@@ -169,21 +180,5 @@ def _finetune(trial: TrialConfig, config: dict[str, Any], rank: int, world_size:
         tuner = FineTuner(folder, trial, float(config["lr"]), rank=rank, world_size=world_size, device=device,
                           cores=cores, wrap_model=ray.train.torch.prepare_model,
                           log=log_metrics if tracker else None)
-    checkpoint = ray.train.get_checkpoint()  # this fine-tuning run's latest, when Ray restarts or resumes it
-    if checkpoint is not None:
-        with checkpoint.as_directory() as folder:
-            tuner.load_state_dict(read_state(folder))
-        log.info("rank %d resumes fine-tuning from step %d", rank, tuner.progress.step)
-
-    def report(metrics: dict[str, float], with_checkpoint: bool) -> None:
-        if tracker:
-            tracker.flush()
-        if rank != 0 or not with_checkpoint:  # DDP replicas are identical: rank 0's copy is the checkpoint
-            ray.train.report(metrics, checkpoint=None)
-            return
-        with tempfile.TemporaryDirectory() as folder:
-            write_checkpoint(folder, tuner.module, tuner.state_dict())
-            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder),
-                             checkpoint_dir_name=f"step_{tuner.progress.step:08d}")
-
-    tuner.fit(report)
+    _resume(tuner, rank, "fine-tuning")
+    tuner.fit(_reporter(tuner, rank, tracker))
