@@ -10,8 +10,8 @@ retries are Tune's one layer (see ``pipeline.trial``).
 
 Metrics (returned; the caller logs them to the trial's MLflow run):
 
-* ``finetune/top1``: the best top-1 over the sweep (downstream test split), ``finetune/best_lr``, and
-  ``finetune/top1_lr<lr>`` for every learning rate (``<lr>`` formatted with ``:g``: ``0.003``, ``0.01``);
+* ``finetune/top1``: the best top-1 over the sweep (downstream test split) and ``finetune/best_lr``; each run's
+  own ``finetune/top1_lr<lr>`` (``<lr>`` formatted with ``:g``) is logged by its rank 0, not again here;
 * ``finetune/image_size``: the fine-tuning resolution; when ``finetune.image_size`` is set, the best top-1 is
   also logged as ``finetune/top1_<N>px`` (e.g. ``finetune/top1_384px``): the unsuffixed name stays the one the
   analysis reads, and the named copy keeps runs at different resolutions apart in the MLflow UI;
@@ -32,6 +32,7 @@ import ray.train
 from mlflow.tracking import MlflowClient
 from ray.train.torch import TorchTrainer
 
+from pipeline.tracking import checkpoint_uri
 from workers.config import TrialConfig
 from workers.train import finetune_loop_per_worker
 
@@ -48,11 +49,6 @@ def lr_tag(lr: float) -> str:
 def finetune_run_name(trial_name: str, lr: float) -> str:
     """The Ray Train run name of one fine-tuning run (deterministic, so a restarted trial resumes it)."""
     return f"{trial_name}-finetune-{lr_tag(lr)}"
-
-
-def _checkpoint_uri(checkpoint: ray.train.Checkpoint) -> str:
-    kind = checkpoint.filesystem.type_name
-    return checkpoint.path if kind == "local" else f"{kind}://{checkpoint.path}"
 
 
 def run_finetune(job: dict[str, Any], checkpoint: ray.train.Checkpoint, client: MlflowClient,
@@ -101,7 +97,6 @@ def run_finetune(job: dict[str, Any], checkpoint: ray.train.Checkpoint, client: 
         "finetune/top1": best.metrics["finetune/top1"],
         "finetune/best_lr": best_lr,
         "finetune/image_size": best.metrics["finetune/image_size"],
-        **{f"finetune/top1_{lr_tag(lr)}": r.metrics["finetune/top1"] for lr, r in results.items()},
         **{key: sum(float(r.metrics[key]) for r in results.values()) for key in SUMMED},
     }
     if ft.image_size:
@@ -109,5 +104,5 @@ def run_finetune(job: dict[str, Any], checkpoint: ray.train.Checkpoint, client: 
     client.set_tag(run_id, "finetune.best_lr", f"{best_lr:g}")
     client.set_tag(run_id, "ray.finetune_run", best.path)
     if best.checkpoint is not None:
-        client.set_tag(run_id, "finetune.checkpoint", _checkpoint_uri(best.checkpoint))
+        client.set_tag(run_id, "finetune.checkpoint", checkpoint_uri(best.checkpoint))
     return metrics

@@ -102,6 +102,12 @@ def trial_run(client: MlflowClient, exp_id: str, study: str, parent_run_id: str 
     return run.info.run_id
 
 
+def checkpoint_uri(checkpoint) -> str:
+    """Where a ``ray.train.Checkpoint`` lives, as a URL for an MLflow tag (a local path, or ``s3://...``)."""
+    kind = checkpoint.filesystem.type_name
+    return checkpoint.path if kind == "local" else f"{kind}://{checkpoint.path}"
+
+
 def log_params(client: MlflowClient, run_id: str, params: dict[str, Any]) -> None:
     items = [Param(k, str(v)[:6000]) for k, v in params.items()]
     for start in range(0, len(items), 100):  # MLflow accepts at most 100 params per batch

@@ -27,7 +27,7 @@ from ray.train.torch import TorchTrainer
 
 from pipeline.finetune import run_finetune
 from pipeline.spec import StudyError, StudySpec
-from pipeline.tracking import DataSplit, end_run, experiment_id, log_dataset_inputs, trial_run
+from pipeline.tracking import DataSplit, checkpoint_uri, end_run, experiment_id, log_dataset_inputs, trial_run
 from pipeline.trial_worker import trial_loop_per_worker
 from workers.config import TrialConfig, flatten
 from workers.fractions import subset_size
@@ -71,11 +71,6 @@ def make_job(spec: StudySpec, name: str, config: TrialConfig, point: dict[str, A
     ))
 
 
-def _checkpoint_uri(checkpoint: ray.train.Checkpoint) -> str:
-    kind = checkpoint.filesystem.type_name
-    return checkpoint.path if kind == "local" else f"{kind}://{checkpoint.path}"
-
-
 def best_checkpoint(result: ray.train.Result) -> tuple[ray.train.Checkpoint, dict[str, Any]]:
     """Early stopping as the paper does it: the checkpoint with the best upstream val/acc; of equal ones the latest,
     which is the one Ray Train's retention keeps (and the rule workers.trainer applies)."""
@@ -92,23 +87,21 @@ def _params(trial: TrialConfig, job: TrialJob, manifest: Manifest) -> dict[str, 
             "resources.gpus_per_worker": job.gpus_per_worker}
 
 
-def _dataset_inputs(trial: TrialConfig) -> list[DataSplit]:
+def _dataset_inputs(trial: TrialConfig, train: Manifest) -> list[DataSplit]:
     """One MLflow dataset input per split the trial reads: what the runs table's Dataset column shows."""
-    def split(context: str, url: str, num_samples: int | None) -> DataSplit:
-        manifest = load_manifest(url)
+    def split(context: str, manifest: Manifest, num_samples: int | None) -> DataSplit:
         count = manifest.num_samples if num_samples is None else min(num_samples, manifest.num_samples)
         return DataSplit(context, manifest.url, [s.sha256 for s in manifest.shards], count / manifest.num_samples,
                          count, manifest.num_classes)
 
-    train = load_manifest(trial.data.train)
-    splits = [split("train", trial.data.train, subset_size(train, trial.data.fraction)),
-              split("val", trial.data.val, None)]
+    splits = [split("train", train, subset_size(train, trial.data.fraction)),
+              split("val", load_manifest(trial.data.val), None)]
     if trial.fewshot.enabled:
-        splits += [split("fewshot-train", trial.fewshot.train, trial.fewshot.train_samples),
-                   split("fewshot-test", trial.fewshot.test, None)]
+        splits += [split("fewshot-train", load_manifest(trial.fewshot.train), trial.fewshot.train_samples),
+                   split("fewshot-test", load_manifest(trial.fewshot.test), None)]
     if trial.finetune.enabled:
-        splits += [split("finetune-train", trial.finetune.train, None),
-                   split("finetune-test", trial.finetune.test, None)]
+        splits += [split("finetune-train", load_manifest(trial.finetune.train), None),
+                   split("finetune-test", load_manifest(trial.finetune.test), None)]
     return splits
 
 
@@ -148,7 +141,7 @@ def run_trial(job_dict: dict[str, Any], in_tune: bool = False) -> dict[str, floa
     client.set_tag(run_id, "mixer.grid_point", ",".join(f"{k}={v}" for k, v in job.point.items()) or "base")
     ok = False
     try:
-        log_dataset_inputs(client, run_id, _dataset_inputs(trial))
+        log_dataset_inputs(client, run_id, _dataset_inputs(trial, manifest))
         callbacks = []
         if in_tune:
             from ray.tune.integration.ray_train import TuneReportCallback
@@ -180,7 +173,7 @@ def run_trial(job_dict: dict[str, Any], in_tune: bool = False) -> dict[str, floa
         )
         result = trainer.fit()
         checkpoint, best_metrics = best_checkpoint(result)
-        client.set_tag(run_id, "checkpoint.best", _checkpoint_uri(checkpoint))
+        client.set_tag(run_id, "checkpoint.best", checkpoint_uri(checkpoint))
         client.set_tag(run_id, "ray.train_run", result.path)
         # The workers logged best/* (at the last step) and, on rank 0, the few-shot of the best model to this run;
         # every metric is logged once, by whoever computed it.

@@ -73,7 +73,7 @@ def test_two_worker_trial_learns_and_logs(tmp_path: Path, digits16: Path) -> Non
     contexts = [t.value for i in run.inputs.dataset_inputs for t in i.tags if t.key == "mlflow.data.context"]
     assert sorted(contexts) == ["fewshot-test", "fewshot-train", "finetune-test", "finetune-train", "train",
                                 "val"]  # one input per split
-    for key in ("val/acc", "val/loss", "train/loss"):  # every point once
+    for key in ("val/acc", "val/loss", "train/loss", "best/val_acc", "finetune/top1_lr0.01"):  # every point once
         steps = [m.step for m in client.get_metric_history(run.info.run_id, key)]
         assert len(steps) == len(set(steps)), (key, steps)
     assert 0 < metrics["perf/mfu"] <= 1.5 and metrics["compute/train_seconds"] < metrics["compute/wall_seconds"]
