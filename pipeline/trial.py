@@ -32,7 +32,7 @@ from pipeline.trial_worker import trial_loop_per_worker
 from workers.config import TrialConfig, flatten
 from workers.fractions import subset_size
 from workers.manifest import Manifest, load_manifest
-from workers.track import ROLE_TAG, STUDY_TAG, TRIAL_TAG, tag_filter
+from workers.track import ROLE_TAG, STUDY_TAG, TRIAL_TAG, RunLogger, tag_filter
 
 log = logging.getLogger(__name__)
 
@@ -189,8 +189,9 @@ def run_trial(job_dict: dict[str, Any], in_tune: bool = False) -> dict[str, floa
         # This attempt's process started when Tune (or the `train` verb) launched it: with the end, the span whose
         # parts outside the step loop are the per-trial overhead (analysis.timeline). Logged once, at the end.
         final.update({"time/trial_start_unix": psutil.Process().create_time(), "time/trial_end_unix": time.time()})
-        for key, value in final.items():
-            client.log_metric(run_id, key, float(value), step=trial.train.steps)
+        driver_log = RunLogger(job.tracking_uri, run_id)  # skips what an earlier attempt already logged
+        driver_log.log(final, trial.train.steps)
+        driver_log.flush()
         ok = True
         headline = {k: v for k, v in logged.items() if k.split("/")[0] in ("best", "fewshot")}
         return {**headline, **{k: v for k, v in final.items() if k.startswith("finetune/")}}

@@ -14,7 +14,7 @@ from mlflow.tracking import MlflowClient
 
 from analysis import figures
 from analysis.results import load_study
-from tests.conftest import CLI, REPO, cli_env, run_cli, study_dict, write_study
+from tests.conftest import CLI, REPO, cli_env, duplicated_points, run_cli, study_dict, write_study
 
 NAME = "grid"
 # Families mixed in one grid: a Mixer and a ViT of the same CPU size (Fig. 2 right draws one curve per model).
@@ -98,9 +98,12 @@ def test_resume_finishes_only_the_rest_from_checkpoints(study: dict) -> None:
     client = MlflowClient(study["uri"])
     exp = client.get_experiment_by_name(NAME)
     (run,) = client.search_runs([exp.experiment_id], f"tags.`mixer.trial` = '{study['killed']}'")
-    steps = [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")]
-    # The killed trial had a checkpoint at step >= 20, so its resumed segment never re-logged step 10.
-    assert steps.count(10) == 1 and max(steps) == 60
+    steps = sorted(m.step for m in client.get_metric_history(run.info.run_id, "train/loss"))
+    # The killed trial's history: every logged step once (the resumed segment skips what the killed one logged)
+    # and none missing (it logs what the killed one computed but never flushed).
+    assert steps == list(range(10, 61, 10))
+    for trial in client.search_runs([exp.experiment_id], "tags.`mixer.role` = 'trial'"):
+        assert duplicated_points(client, trial.info.run_id) == {}, trial.data.tags["mixer.trial"]
 
 
 def test_report_writes_every_figure(study: dict) -> None:

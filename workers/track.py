@@ -3,6 +3,11 @@
 The trial driver (``pipeline.trial``) creates or reuses the trial's MLflow run and passes its id down; workers
 never start runs of their own, so a retried or resumed worker group keeps writing into the same run.
 
+A resumed worker group restarts from its last checkpoint, so it computes again the steps between that checkpoint
+and the failure, some of which the failed group had already logged. :class:`RunLogger` therefore writes a point only
+past the last step the run already holds for that key: every metric's history has each step at most once, and the
+points the failed group never flushed are written by the resumed one, so none is missing either.
+
 System metrics (CPU, memory, disk, network; GPU where ``nvidia-ml-py`` is installed) are sampled by MLflow's
 ``SystemMetricsMonitor`` in the rank-0 worker process, i.e. the host that does the training, not the trial driver.
 """
@@ -46,13 +51,21 @@ class RunLogger:
         self._client = MlflowClient(tracking_uri)
         self._run_id = run_id
         self._pending: list[Metric] = []
+        self._last_step = last_logged_steps(self._client, run_id)  # {} for a new run
+        self.skipped = 0  # points not written because the run already had them (a resumed segment)
         self._monitor: SystemMetricsMonitor | None = None
         if system_metrics:
             self._monitor = _start_monitor(tracking_uri, run_id, sampling_interval, samples_before_logging)
 
     def log(self, metrics: dict[str, float], step: int) -> None:
+        """Queue ``metrics`` at ``step``; a key whose history in the run already reaches ``step`` is skipped."""
         timestamp = int(time.time() * 1000)
-        self._pending.extend(Metric(key, float(value), timestamp, step) for key, value in metrics.items())
+        for key, value in metrics.items():
+            if step <= self._last_step.get(key, -1):
+                self.skipped += 1
+                continue
+            self._last_step[key] = step
+            self._pending.append(Metric(key, float(value), timestamp, step))
         if len(self._pending) >= 200:
             self.flush()
 
@@ -73,6 +86,13 @@ class RunLogger:
         finally:
             if monitor is not None:
                 monitor.finish()  # wakes the sampler at once; the samples of an unfinished window are dropped
+
+
+def last_logged_steps(client: MlflowClient, run_id: str) -> dict[str, int]:
+    """The last step of each metric already in run ``run_id`` (system metrics excluded: their sampler keeps its
+    own step counter). One history query per key, and only for a run that has metrics, i.e. a resumed one."""
+    keys = [k for k in client.get_run(run_id).data.metrics if not k.startswith("system/")]
+    return {key: max(m.step for m in client.get_metric_history(run_id, key)) for key in keys}
 
 
 def _start_monitor(tracking_uri: str, run_id: str, sampling_interval: float,
