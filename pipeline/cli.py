@@ -91,7 +91,9 @@ def _run(args: argparse.Namespace) -> None:
     spec = load_study(args.study)
     rows = run_study(spec, address=args.address, tracking_uri=args.tracking_uri, storage=args.storage)
     _print_rows(rows)
-    tracking = f" --tracking-uri {args.tracking_uri}" if args.tracking_uri else ""
+    from pipeline.tracking import redact_url
+
+    tracking = f" --tracking-uri {redact_url(args.tracking_uri)}" if args.tracking_uri else ""
     print(f"next: mixer-study report {spec.name}{tracking}")
     if any(r["status"] != "DONE" for r in rows):
         raise SystemExit(1)
@@ -128,9 +130,9 @@ def _parse_overrides(pairs: list[str]) -> dict[str, Any]:
 def _train(args: argparse.Namespace) -> None:
     from pipeline.plan import plan_study
     from pipeline.spec import load_study, parse_study
-    from pipeline.tracking import resolve_tracking_uri
+    from pipeline.tracking import connect_tracking, resolve_tracking_uri
     from pipeline.trial import ONE_OFF, make_job, refuse_changed_rerun, run_trial
-    from pipeline.tune import init_ray, ray_logs_dir, resolve_storage
+    from pipeline.tune import init_ray, is_embedded, ray_logs_dir, resolve_storage
 
     # One trial = the study with a one-point grid of the --set overrides: same validation, same plan checks.
     raw = load_study(args.config).model_dump(mode="json")
@@ -138,7 +140,8 @@ def _train(args: argparse.Namespace) -> None:
     spec = parse_study(raw, source=f"{args.config} with --set {' '.join(args.set)}".strip())
     (plan,) = plan_study(spec)
     name = args.name or "train-" + plan.name
-    tracking_uri = resolve_tracking_uri(args.tracking_uri, spec.tracking.uri)
+    tracking_uri = connect_tracking(resolve_tracking_uri(args.tracking_uri, spec.tracking.uri),
+                                    embedded_ray=is_embedded(args.address))
     # A one-off run has its own MLflow role, so it never enters the study's results table or figures.
     job = make_job(spec, name, plan.config, plan.point, tracking_uri=tracking_uri,
                    storage=resolve_storage(args.storage), role=ONE_OFF)
@@ -168,10 +171,11 @@ def _fewshot(args: argparse.Namespace) -> None:
 
 def _report(args: argparse.Namespace) -> None:
     from analysis.report import build_report
-    from pipeline.tracking import resolve_tracking_uri
+    from pipeline.tracking import connect_tracking, resolve_tracking_uri
 
     out = args.out or f"results/{args.study}"
-    paths = build_report(resolve_tracking_uri(args.tracking_uri), args.study, out, experiment=args.experiment)
+    uri = connect_tracking(resolve_tracking_uri(args.tracking_uri))
+    paths = build_report(uri, args.study, out, experiment=args.experiment)
     print(f"report of study {args.study}: {len(paths)} files in {Path(out).resolve()}")
     for path in paths:
         print(f"  {path}")
@@ -316,7 +320,7 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (StudyError, LookupError, FileNotFoundError, ValueError) as error:
+    except (StudyError, LookupError, OSError, ValueError) as error:  # expected: bad input or environment
         if os.environ.get("MIXER_STUDY_DEBUG"):
             raise
         print(f"mixer-study {args.verb}: error: {error}", file=sys.stderr)

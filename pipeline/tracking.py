@@ -6,22 +6,24 @@ study, a retried trial or a driver on another machine all land in the same runs:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
 import subprocess
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 from mlflow.entities import Dataset, DatasetInput, InputTag, Param, Run, RunStatus
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT, MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 
+from pipeline.spec import StudyError
 from workers.track import ROLE_TAG, STUDY_TAG, TRIAL_TAG, tag_filter
 
 log = logging.getLogger(__name__)
@@ -37,6 +39,64 @@ def resolve_tracking_uri(cli_uri: str | None = None, spec_uri: str | None = None
     """--tracking-uri, then the study file, then $MLFLOW_TRACKING_URI, then ./mlflow.db (sqlite, absolute path)."""
     uri = cli_uri or spec_uri or os.environ.get("MLFLOW_TRACKING_URI")
     return uri or f"sqlite:///{Path('mlflow.db').resolve()}"
+
+
+# MLflow's own variables for HTTP basic auth: credentials found in a tracking URI move here (see connect_tracking).
+CREDENTIAL_ENV = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")
+
+
+def connect_tracking(uri: str, *, embedded_ray: bool = True, timeout_s: float = 10.0) -> str:
+    """The URI to use everywhere after this point: ``uri`` without credentials, once the store has answered.
+
+    Credentials (``http://user:password@host``) would otherwise be written in clear to the stored study spec, Tune's
+    state, MLflow params and logs. They move into ``$MLFLOW_TRACKING_USERNAME`` / ``$MLFLOW_TRACKING_PASSWORD`` of
+    this process, which MLflow reads for basic auth and which an embedded Ray's processes inherit. A cluster's
+    processes do not inherit this driver's environment, so there the user passes those two variables in the job's
+    runtime environment instead, and a URI with credentials is refused.
+
+    Raises StudyError (naming the URI without its credentials) if the store does not answer within ``timeout_s``.
+    """
+    clean = redact_url(uri)
+    if clean != uri:
+        if not embedded_ray:
+            raise StudyError(
+                f"tracking URI {clean} holds credentials (user:password@), which a Ray cluster's processes cannot "
+                "receive without writing them in clear: give the URI without them and set "
+                f"{' and '.join(CREDENTIAL_ENV)} in the job's runtime environment (ray job submit "
+                "--runtime-env-json '{\"env_vars\": {...}}')")
+        user, _, password = urlsplit(uri).netloc.rsplit("@", 1)[0].partition(":")
+        os.environ.update(dict(zip(CREDENTIAL_ENV, (unquote(user), unquote(password)))))
+    check_tracking(clean, timeout_s)
+    return clean
+
+
+@contextlib.contextmanager
+def _http_without_retries(timeout_s: float) -> Iterator[None]:
+    """MLflow's HTTP client with no retries and a ``timeout_s`` timeout in this block: its defaults (7 retries with
+    exponential back-off, 120 s timeouts) take minutes to report a server that is simply not there."""
+    settings = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": str(int(max(timeout_s, 1)))}
+    saved = {key: os.environ.get(key) for key in settings}
+    os.environ.update(settings)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def check_tracking(uri: str, timeout_s: float = 10.0) -> None:
+    """Raise StudyError unless the MLflow store at ``uri`` answers a query within about ``timeout_s``."""
+    with _http_without_retries(timeout_s):
+        try:
+            MlflowClient(uri).search_experiments(max_results=1)
+        except Exception as exc:  # noqa: BLE001 - any failure here means "cannot track": say so, with the cause
+            cause = " ".join(str(exc).split())[:400]
+            raise StudyError(f"MLflow tracking store {redact_url(uri)} does not answer ({type(exc).__name__}: "
+                             f"{cause}): start it, or give another --tracking-uri / $MLFLOW_TRACKING_URI; nothing was "
+                             "launched") from None
 
 
 def experiment_id(client: MlflowClient, name: str) -> str:

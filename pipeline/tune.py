@@ -27,7 +27,7 @@ from ray import tune
 from pipeline.plan import TrialPlan, plan_study
 from pipeline.progress import StudyProgress
 from pipeline.spec import StudyError, StudySpec, parse_study
-from pipeline.tracking import end_run, experiment_id, resolve_tracking_uri, study_run
+from pipeline.tracking import connect_tracking, end_run, experiment_id, redact_url, resolve_tracking_uri, study_run
 from pipeline.trial import make_job, run_trial
 
 DEFAULT_STORAGE = "runs"
@@ -50,13 +50,33 @@ def tune_trainable(config: dict[str, Any]) -> None:
     tune.report(run_trial(config["job"], in_tune=True))
 
 
+def is_embedded(address: str | None) -> bool:
+    """Whether :func:`init_ray` starts a Ray of its own here (no ``address``, no $RAY_ADDRESS, e.g. from a job)."""
+    return not (address or os.environ.get("RAY_ADDRESS"))
+
+
+def check_storage(url: str) -> None:
+    """Raise StudyError unless ``url`` (the study's folder) can be written: before Ray, not at the first checkpoint."""
+    probe = _join(url, ".write-probe")
+    try:
+        fs, path = fsspec.core.url_to_fs(probe)
+        fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+        fs.pipe_file(path, b"ok")
+        fs.rm_file(path)
+    except Exception as exc:  # noqa: BLE001 - permissions, credentials, network: one clear error naming the URL
+        raise StudyError(f"storage {redact_url(url)} is not writable ({type(exc).__name__}: "
+                         f"{' '.join(str(exc).split())[:300]}): give a writable --storage / $MIXER_STUDY_STORAGE "
+                         "(a local path or a URL such as s3://bucket/prefix with credentials in the environment)"
+                         ) from None
+
+
 def init_ray(address: str | None) -> None:
     """Connect to ``address`` / $RAY_ADDRESS if given, else start an embedded local Ray. Worker logs stay on disk."""
     if ray.is_initialized():
         return
     # Tune's own console tables would drown the concise StudyProgress lines; verbose=0 + legacy output = silent.
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
-    embedded = not (address or os.environ.get("RAY_ADDRESS"))
+    embedded = is_embedded(address)
     if embedded:
         # The Ray Train controller polls its workers every 2 s by default, so each trial's start and end wait up to
         # that long; an embedded Ray's processes inherit this environment. (On a cluster, set it in the job's env.)
@@ -126,7 +146,9 @@ def run_study(spec: StudySpec, *, address: str | None = None, tracking_uri: str 
     plans = plan_study(spec)  # reads manifests: bad data URLs fail here, before Ray starts
     storage = resolve_storage(storage)
     study_dir = _join(storage, spec.name)
-    tracking_uri = resolve_tracking_uri(tracking_uri, spec.tracking.uri)
+    check_storage(study_dir)
+    tracking_uri = connect_tracking(resolve_tracking_uri(tracking_uri, spec.tracking.uri),
+                                    embedded_ray=is_embedded(address))
     resolved = spec.model_copy(update={"tracking": spec.tracking.model_copy(update={"uri": tracking_uri})})
     spec_yaml = yaml.safe_dump(resolved.model_dump(mode="json"), sort_keys=False)
     if tune.Tuner.can_restore(_join(study_dir, "tune")):
@@ -141,7 +163,7 @@ def run_study(spec: StudySpec, *, address: str | None = None, tracking_uri: str 
     client = mlflow.tracking.MlflowClient(tracking_uri)
     exp_id = experiment_id(client, spec.experiment)
     parent = study_run(client, exp_id, spec.name, {"grid_size": len(plans), "grid_keys": ",".join(spec.grid),
-                                                   "storage": study_dir, "description": spec.description})
+                                                   "storage": redact_url(study_dir), "description": spec.description})
     client.log_text(parent, spec_yaml, "study.yaml")
 
     init_ray(address)
@@ -149,7 +171,7 @@ def run_study(spec: StudySpec, *, address: str | None = None, tracking_uri: str 
     concurrency = default_concurrency(spec, fit)
     _write_text(_join(study_dir, "study.yaml"), spec_yaml)
     write(f"study {spec.name}: {len(plans)} trials, up to {concurrency} at once ({fit} fit the resources); "
-          f"MLflow {tracking_uri} (experiment '{spec.experiment}'); storage {study_dir}")
+          f"MLflow {tracking_uri} (experiment '{spec.experiment}'); storage {redact_url(study_dir)}")
     write(f"Ray logs: {ray_logs_dir()}")
     tuner = tune.Tuner(
         _trainable(),
@@ -188,7 +210,8 @@ def resume_study(name: str, *, address: str | None = None, storage: str | None =
     tune_dir = _join(storage, name, "tune")
     if not tune.Tuner.can_restore(tune_dir):
         raise StudyError(f"study '{name}' has no Tune state at {tune_dir}: start it with `mixer-study run`")
-    client = mlflow.tracking.MlflowClient(spec.tracking.uri)
+    tracking_uri = connect_tracking(spec.tracking.uri, embedded_ray=is_embedded(address))
+    client = mlflow.tracking.MlflowClient(tracking_uri)
     parent = study_run(client, experiment_id(client, spec.experiment), spec.name, {})
     init_ray(address)
     write(f"resuming study {name} from {tune_dir}; Ray logs: {ray_logs_dir()}")

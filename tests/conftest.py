@@ -91,3 +91,54 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def duplicated_points(client, run_id: str) -> dict[str, list[int]]:
+    """{metric key: steps that occur more than once in its history} for MLflow run ``run_id`` (system metrics
+    included): empty when every point of every history was logged once."""
+    from collections import Counter
+
+    duplicates = {}
+    for key in client.get_run(run_id).data.metrics:
+        counts = Counter(m.step for m in client.get_metric_history(run_id, key))
+        if repeated := sorted(step for step, n in counts.items() if n > 1):
+            duplicates[key] = repeated
+    return duplicates
+
+
+@contextlib.contextmanager
+def mlflow_server(root: Path, port: int | None = None):
+    """A real `mlflow server` on 127.0.0.1 (sqlite store and artifacts under ``root``); yields its URI and stops
+    the server (its own process group) afterwards. Restart it on the same store with the same ``port``."""
+    import time
+    import urllib.request
+
+    port = port or free_port()
+    root.mkdir(parents=True, exist_ok=True)
+    log = open(root / f"server-{port}.log", "a")
+    server = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+         "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}", "--artifacts-destination", str(root / "artifacts")],
+        stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                with urllib.request.urlopen(f"{uri}/health", timeout=2) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
+                pass
+            assert server.poll() is None and time.monotonic() < deadline, (root / f"server-{port}.log").read_text()
+            time.sleep(0.5)
+        yield uri
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(server.pid, 15)
+        try:
+            server.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, 9)
+            server.wait()
+        log.close()

@@ -173,11 +173,26 @@ def load_manifest(url: str) -> Manifest:
             f"no data-set manifest at {manifest_url} (from {url!r}): expected a split folder containing "
             f"{MANIFEST_NAME} as written by workers.shard_writer.write_split, or the manifest's own URL"
         ) from exc
+    except Exception as exc:  # noqa: BLE001 - credentials, permissions, network: one clear error naming the URL
+        raise OSError(f"cannot read the data-set manifest {manifest_url}: {type(exc).__name__}: {exc}"
+                      f"{_access_hint(manifest_url)}") from None
     try:
         doc = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ValueError(f"invalid manifest {manifest_url}: not JSON ({exc})") from exc
     return _manifest_from_json(manifest_url, doc)
+
+
+def _access_hint(url: str) -> str:
+    """What to check when ``url`` cannot be read, by its scheme."""
+    scheme = url.split("://", 1)[0] if "://" in url else "file"
+    hints = {
+        "s3": "check the credentials (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or AWS_PROFILE) and, for a non-AWS "
+              "store, the endpoint (AWS_ENDPOINT_URL)",
+        "gs": "check the credentials (GOOGLE_APPLICATION_CREDENTIALS)",
+        "file": "check that the path exists and is readable",
+    }
+    return f"; {hints.get(scheme, 'check the URL and its credentials')}"
 
 
 def _sha256_of(url: str) -> str:
