@@ -8,6 +8,7 @@ point is validated here, before Ray starts, so a bad value in the third grid ent
 from __future__ import annotations
 
 import copy
+import difflib
 import itertools
 import re
 from pathlib import Path
@@ -100,13 +101,38 @@ def _with_overrides(config: dict[str, Any], overrides: dict[str, Any]) -> dict[s
     return config
 
 
-def _format_errors(error: ValidationError, prefix: str = "") -> list[str]:
+def _keys_at(model: type[BaseModel], loc: tuple) -> list[str] | None:
+    """The field names allowed at ``loc`` (a pydantic error location) inside ``model``, or None if not a model."""
+    for part in loc:
+        field = model.model_fields.get(str(part))
+        annotation = field.annotation if field else None
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return None
+        model = annotation
+    return list(model.model_fields)
+
+
+def did_you_mean(word: str, allowed: list[str]) -> str:
+    """`` (did you mean 'steps'?)`` for the closest of ``allowed`` to a misspelt ``word``, else ''."""
+    close = difflib.get_close_matches(word, allowed, n=1, cutoff=0.6) or [k for k in allowed if word in k][:1]
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def _format_errors(error: ValidationError, prefix: str = "", model: type[BaseModel] | None = None) -> list[str]:
+    """One line per problem: the field's dotted path, what is wrong and allowed, and the value given."""
     lines = []
     for item in error.errors():
         where = prefix + ".".join(str(part) for part in item["loc"])
         value = item.get("input")
+        if item["type"] == "extra_forbidden":
+            allowed = _keys_at(model, item["loc"][:-1]) if model else None
+            if allowed is not None:
+                hint = did_you_mean(str(item["loc"][-1]), allowed)
+                lines.append(f"{where}: unknown key{hint}; allowed keys here: {', '.join(allowed)}")
+                continue
         shown = "" if isinstance(value, dict) else f" (got {value!r})"
-        lines.append(f"{where or '<top level>'}: {item['msg']}{shown}")
+        message = item["msg"].removeprefix("Value error, ")  # pydantic's prefix for a validator's own message
+        lines.append(f"{where or '<top level>'}: {message}{shown}")
     return lines
 
 
@@ -134,13 +160,14 @@ def parse_study(raw: Any, source: str = "<study>", base_dir: Path | None = None)
     try:
         spec = StudySpec.model_validate(raw)
     except ValidationError as error:
-        raise StudyError(f"{source} is invalid:\n  " + "\n  ".join(_format_errors(error))) from None
+        raise StudyError(f"{source} is invalid:\n  " + "\n  ".join(_format_errors(error, model=StudySpec))) from None
 
     problems = []
     known = set(recipe_fields())
     for key in spec.grid:
         if key not in known:
-            problems.append(f"grid.{key}: not a recipe field; allowed keys: {', '.join(sorted(known))}")
+            problems.append(f"grid.{key}: not a recipe field{did_you_mean(key, sorted(known))}; allowed keys: "
+                            f"{', '.join(sorted(known))}")
     if not problems:
         # Validate every value of every grid key in the context of the base recipe.
         for key, values in spec.grid.items():
@@ -148,7 +175,7 @@ def parse_study(raw: Any, source: str = "<study>", base_dir: Path | None = None)
                 try:
                     spec.trial_config({key: value})
                 except ValidationError as error:
-                    problems += _format_errors(error, prefix=f"grid.{key}[{index}] -> ")
+                    problems += _format_errors(error, prefix=f"grid.{key}[{index}] -> ", model=TrialConfig)
         for point in spec.grid_points() if not problems else []:
             try:
                 spec.trial_config(point)
@@ -160,7 +187,7 @@ def parse_study(raw: Any, source: str = "<study>", base_dir: Path | None = None)
         if batch % workers:
             problems.append(
                 f"train.batch_size: {batch} is not divisible by resources.workers_per_trial ({workers}) "
-                f"at grid point {point}"
+                + (f"at grid point {point}" if point else "in the base recipe")
             )
             break
     if problems:

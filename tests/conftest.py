@@ -31,17 +31,17 @@ def digits16(tmp_path_factory) -> Path:
     return out
 
 
-def study_dict(study_name: str, data: Path, **sections) -> dict:
+def study_dict(study_name: str, shards: Path, **sections) -> dict:
     """A small, fast study on digits shards; keyword sections (grid=..., train=...) override the defaults."""
     study = {
         "name": study_name,
         "base": {
-            "data": {"train": str(data / "train"), "val": str(data / "val"),
+            "data": {"train": str(shards / "train"), "val": str(shards / "val"),
                      "augment": {"crop": "pad", "pad": 1, "eval_crop_fraction": 1.0}},
             "model": {"variant": "Nano-4"},
             "optim": {"lr": 0.003, "warmup_steps": 10},
             "train": {"steps": 60, "batch_size": 32, "eval_every": 20, "checkpoint_every": 20, "log_every": 10},
-            "fewshot": {"train": str(data / "train"), "test": str(data / "test"), "shots": [1, 5], "seeds": 2},
+            "fewshot": {"train": str(shards / "train"), "test": str(shards / "test"), "shots": [1, 5], "seeds": 2},
         },
         "grid": {},
         "resources": {"workers_per_trial": 2, "cpus_per_worker": 1},

@@ -26,7 +26,7 @@ def test_shipped_studies_validate(path: Path) -> None:
 @pytest.mark.parametrize(
     "change, expected",
     [
-        ({"optim": {"weight_decey": 0.1}}, "base.optim.weight_decey: Extra inputs are not permitted"),
+        ({"optim": {"weight_decey": 0.1}}, "base.optim.weight_decey: unknown key (did you mean 'weight_decay'?)"),
         ({"optim": {"lr": -1}}, "base.optim.lr: Input should be greater than 0 (got -1)"),
         ({"train": {"checkpoint_every": 30}}, "must be a multiple of eval_every"),
         ({"train": {"batch_size": 33}}, "train.batch_size: 33 is not divisible by resources.workers_per_trial (2)"),
