@@ -24,6 +24,7 @@ import ray
 import yaml
 from ray import tune
 
+from pipeline.lock import StudyLock
 from pipeline.plan import TrialPlan, plan_study
 from pipeline.progress import StudyProgress
 from pipeline.spec import StudyError, StudySpec, parse_study
@@ -149,6 +150,14 @@ def run_study(spec: StudySpec, *, address: str | None = None, tracking_uri: str 
     check_storage(study_dir)
     tracking_uri = connect_tracking(resolve_tracking_uri(tracking_uri, spec.tracking.uri),
                                     embedded_ray=is_embedded(address))
+    with StudyLock(study_dir):  # one driver per study (pipeline.lock)
+        return _start_or_continue(spec, plans, address=address, tracking_uri=tracking_uri, storage=storage,
+                                  write=write)
+
+
+def _start_or_continue(spec: StudySpec, plans: list[TrialPlan], *, address: str | None, tracking_uri: str,
+                       storage: str, write: Callable[[str], None]) -> list[dict[str, Any]]:
+    study_dir = _join(storage, spec.name)
     resolved = spec.model_copy(update={"tracking": spec.tracking.model_copy(update={"uri": tracking_uri})})
     spec_yaml = yaml.safe_dump(resolved.model_dump(mode="json"), sort_keys=False)
     if tune.Tuner.can_restore(_join(study_dir, "tune")):
@@ -211,6 +220,13 @@ def resume_study(name: str, *, address: str | None = None, storage: str | None =
     if not tune.Tuner.can_restore(tune_dir):
         raise StudyError(f"study '{name}' has no Tune state at {tune_dir}: start it with `mixer-study run`")
     tracking_uri = connect_tracking(spec.tracking.uri, embedded_ray=is_embedded(address))
+    with StudyLock(_join(storage, name)):  # one driver per study (pipeline.lock); re-entrant from run_study
+        return _resume_locked(spec, tune_dir, tracking_uri, address=address, write=write)
+
+
+def _resume_locked(spec: StudySpec, tune_dir: str, tracking_uri: str, *, address: str | None,
+                   write: Callable[[str], None]) -> list[dict[str, Any]]:
+    name = spec.name
     client = mlflow.tracking.MlflowClient(tracking_uri)
     parent = study_run(client, experiment_id(client, spec.experiment), spec.name, {})
     init_ray(address)

@@ -58,6 +58,9 @@ def study(tmp_path_factory, digits16: Path) -> dict:
         time.sleep(1)
     log_tail = (tmp / "run.log").read_text()[-3000:]
     assert killed_trial, f"no trial checkpointed in time; driver exit {driver.poll()}: {log_tail}"
+    # A second driver on the running study is refused (the study's lock), for both verbs that drive it.
+    second = [run_cli(["run", str(path), "--tracking-uri", uri, "--storage", str(storage)], env, timeout=120),
+              run_cli(["resume", NAME, "--storage", str(storage)], env, timeout=120)]
     os.killpg(driver.pid, signal.SIGKILL)  # the driver and the embedded Ray it started
     driver.wait()
     finished_before = _finished_trials(uri)
@@ -66,7 +69,7 @@ def study(tmp_path_factory, digits16: Path) -> dict:
     resumed = run_cli(["resume", NAME, "--storage", str(storage)], env, timeout=1200)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     return {"uri": uri, "storage": storage, "killed": killed_trial, "finished_before": finished_before,
-            "resume_log": resumed.stdout, "tmp": tmp}
+            "resume_log": resumed.stdout, "tmp": tmp, "second_drivers": second}
 
 
 def test_one_finished_run_per_grid_point(study: dict) -> None:
@@ -86,6 +89,13 @@ def test_one_finished_run_per_grid_point(study: dict) -> None:
         assert m["compute/images_seen"] == 60 * 32  # matched steps across fractions
     epochs = {r.data.tags["mixer.trial"]: r.data.metrics["compute/epochs"] for r in trials}
     assert epochs["variant=Nano-4,fraction=0.1"] > 5 * epochs["variant=Nano-4,fraction=1.0"]
+
+
+def test_second_driver_is_refused_while_the_first_runs(study: dict) -> None:
+    for result in study["second_drivers"]:
+        assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-2000:]
+        assert "another driver is running this study" in result.stderr and "Traceback" not in result.stderr
+        assert "Ray logs" not in result.stdout  # refused before Ray
 
 
 def test_resume_finishes_only_the_rest_from_checkpoints(study: dict) -> None:
