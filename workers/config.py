@@ -76,6 +76,14 @@ class DataConfig(_Strict):
     )
     shuffle_buffer: int = Field(256, ge=1)
     loader_workers: int = Field(0, ge=0, description="DataLoader processes per training worker")
+    on_error: Literal["raise", "skip"] = Field(
+        "raise", description="a truncated shard, an undecodable image, a sample without label or a checksum mismatch:"
+        " raise fails the trial naming the shard and sample; skip drops what cannot be read, counts it in"
+        " data/skipped_samples and data/corrupt_shards, and goes on"
+    )
+    verify_checksums: bool = Field(
+        True, description="hash each shard once per process as it is read and compare with the manifest's sha256"
+    )
 
     @model_validator(mode="after")
     def _whole_patches(self) -> DataConfig:

@@ -19,6 +19,7 @@ from workers.manifest import Manifest
 class ShardSlice:
     url: str  # absolute shard URL
     num_samples: int  # read this many samples from the start of the shard
+    sha256: str | None = None  # the manifest's checksum of the whole shard (verified as it is read)
 
 
 def subset_size(manifest: Manifest, fraction: float) -> int:
@@ -42,7 +43,7 @@ def prefix_slices(manifest: Manifest, num_samples: int | None) -> list[ShardSlic
         if remaining <= 0:
             break
         take = min(shard.num_samples, remaining)
-        slices.append(ShardSlice(manifest.shard_url(shard), take))
+        slices.append(ShardSlice(manifest.shard_url(shard), take, shard.sha256 or None))
         remaining -= take
     return slices
 

@@ -34,11 +34,14 @@ to memory that :func:`make_loader` shares with its persistent workers, so it rea
 
 from __future__ import annotations
 
+import hashlib
 import io
 import itertools
 import json
+import logging
 import random
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from typing import BinaryIO
 
 import fsspec
 import numpy as np
@@ -52,6 +55,8 @@ from workers.augment import eval_array, needed_shorter_side, train_view
 from workers.config import AugmentConfig
 from workers.fractions import ShardSlice
 from workers.permute import PermuteSpec, apply_permutation, permutation
+
+log = logging.getLogger(__name__)
 
 
 def decode_pil(data: bytes, shorter_side: int | None = None) -> Image.Image:
@@ -79,6 +84,7 @@ def decode_image(data: bytes, shorter_side: int | None = None) -> np.ndarray:
 
 
 IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "webp")  # sample entries read as the image, first match wins
+MAX_LOADER_WORKERS = 64  # rows of ShardDataset's shared problem counters
 LABEL_KEYS = ("cls", "json")
 
 
@@ -107,29 +113,102 @@ def sample_label(sample: dict, label_key: str = "cls") -> int | None:
         raise ValueError(f"sample {sample.get('__key__')}: unreadable .{label_key} label ({exc})") from None
 
 
-def _read_shard(url: str, limit: int | None = None) -> Iterator[tuple[str, bytes, int]]:
+class DataError(RuntimeError):
+    """A shard or sample that cannot be used. The message names the shard's URL and, where known, the sample's key;
+    it is plain text, so it crosses process boundaries (DataLoader workers, Ray's error reports) intact."""
+
+
+class ChecksumError(DataError):
+    """A shard whose sha256 is not the manifest's."""
+
+
+OnError = Callable[[DataError, int], None]  # (the problem, samples lost) -> None, or raise
+
+
+def raise_error(error: DataError, lost: int) -> None:
+    raise error
+
+
+class HashingReader:
+    """Read-through wrapper computing the sha256 of everything read (tarfile's stream mode only calls read)."""
+
+    def __init__(self, f: BinaryIO):
+        self.f, self.digest = f, hashlib.sha256()
+
+    def read(self, size: int = -1) -> bytes:
+        data = self.f.read(size)
+        self.digest.update(data)
+        return data
+
+    def hexdigest_of_all(self) -> str:
+        """The file's sha256: hash whatever was left unread (the rest of the shard, end-of-archive padding) first."""
+        while self.read(1 << 20):
+            pass
+        return self.digest.hexdigest()
+
+
+_VERIFIED: set[tuple[str, str]] = set()  # (url, sha256) this process has checked: each shard is hashed once
+
+
+def _read_shard(url: str, limit: int | None = None, sha256: str | None = None,
+                on_error: OnError = raise_error) -> Iterator[tuple[str, bytes, int]]:
     """(key, image bytes, label) of the first ``limit`` (default: all) samples of one shard, streamed via fsspec.
 
     The label is the ``.cls`` entry if the sample has one, else the ``.json`` entry's (see :func:`sample_label`).
+    ``sha256``: the manifest's checksum; the first read of the shard in this process hashes it as it streams (and
+    the rest of the file after ``limit``), and a mismatch is reported when the shard ends. Every problem (a
+    truncated or unreadable tar, a sample without image or label, fewer samples than promised, a checksum
+    mismatch) goes to ``on_error`` as a :class:`DataError` with the samples it costs: the default raises; a
+    skipping policy records it, and reading goes on with the next sample (or the next shard).
     """
     if limit is not None and limit <= 0:
         return
-    count = 0
-    with fsspec.open(url, "rb") as stream:
-        for sample in group_by_keys(tar_file_expander([{"url": url, "stream": stream}])):
-            image = next((sample[ext] for ext in IMAGE_EXTENSIONS if ext in sample), None)
-            label = sample_label(sample, "cls") if "cls" in sample else sample_label(sample, "json")
-            if image is None or label is None:
-                raise ValueError(
-                    f"shard {url}: sample {sample['__key__']} lacks an image ({'/'.join(IMAGE_EXTENSIONS)}) or a"
-                    " label (.cls, or .json with a \"label\" or \"cls\" integer)"
-                )
-            yield sample["__key__"], image, label
-            count += 1
-            if limit is not None and count >= limit:
-                return
+    count, key = 0, None
+    check = sha256 if sha256 and (url, sha256) not in _VERIFIED else None
+    try:
+        with fsspec.open(url, "rb") as raw:
+            stream = HashingReader(raw) if check else raw
+            for sample in group_by_keys(tar_file_expander([{"url": url, "stream": stream}])):
+                key = sample["__key__"]
+                image = next((sample[ext] for ext in IMAGE_EXTENSIONS if ext in sample), None)
+                try:
+                    label = sample_label(sample, "cls") if "cls" in sample else sample_label(sample, "json")
+                except ValueError as exc:
+                    label, image = None, None
+                    reason = str(exc)
+                else:
+                    reason = (f"lacks an image ({'/'.join(IMAGE_EXTENSIONS)}) or a label (.cls, or .json with a "
+                              '"label" or "cls" integer)')
+                count += 1
+                if image is None or label is None:
+                    on_error(DataError(f"shard {url}: sample {key} {reason}"), 1)
+                else:
+                    yield key, image, label
+                if limit is not None and count >= limit:
+                    break
+            got = stream.hexdigest_of_all() if check else None
+    except DataError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - a truncated tar, a lost connection: name the shard and where
+        where = f"after sample {key}" if key else "before its first sample"
+        expected = f" of the {limit} the manifest promises" if limit else ""
+        failure = DataError(f"shard {url}: unreadable {where} ({count} samples read{expected}): "
+                            f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}")
+    else:
+        failure = None
+    if failure is not None:  # reported outside the except block: the user sees this error, not a chain
+        on_error(failure, max((limit or count) - count, 0))
+        return
     if limit is not None and count < limit:
-        raise ValueError(f"shard {url} holds {count} samples, fewer than the {limit} the manifest promised")
+        on_error(DataError(f"shard {url} ends after sample {key} with {count} samples, fewer than the {limit} the "
+                           "manifest promises (a truncated or rewritten shard)"), limit - count)
+    if check:
+        if got != check:
+            on_error(ChecksumError(f"shard {url}: sha256 {got} differs from the manifest's {check}: the shard is "
+                                   "corrupt or was changed after the manifest was written (data.verify_checksums: "
+                                   "false skips this check)"), 0)
+        else:
+            _VERIFIED.add((url, check))
 
 
 def iter_samples(urls: str | list[str]) -> Iterator[tuple[str, bytes, int]]:
@@ -212,6 +291,8 @@ class ShardDataset(IterableDataset):
         image_size: int | None = None,
         return_keys: bool = False,
         permute: PermuteSpec | tuple[str, int, int] | None = None,
+        on_error: str = "raise",
+        verify_checksums: bool = True,
     ):
         super().__init__()
         self.slices = list(slices)
@@ -237,6 +318,12 @@ class ShardDataset(IterableDataset):
         self.permute = PermuteSpec(*permute) if permute is not None and permute[0] != "none" else None
         if self.permute and image_size:  # fail now on a bad patch size, not in the first DataLoader worker
             permutation(self.permute.mode, image_size, self.permute.patch, self.permute.seed)
+        if on_error not in ("raise", "skip"):
+            raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
+        self.on_error, self.verify_checksums = on_error, verify_checksums
+        # [loader worker slot, (samples skipped, shards failing their checksum)], summed by problem_counts(); one row
+        # per DataLoader worker so no two processes add to the same number. Shared by make_loader like _epoch_state.
+        self._problems = torch.zeros(MAX_LOADER_WORKERS + 1, 2, dtype=torch.int64)
         self.num_samples = sum(s.num_samples for s in self.slices)
         self._check_slots(world_size)
         # [epoch of the last set_epoch, how many set_epoch calls]. DataLoader workers hold their own copies of this
@@ -245,6 +332,22 @@ class ShardDataset(IterableDataset):
         self._epoch_state = torch.zeros(2, dtype=torch.int64)
         self._generation = 0  # the set_epoch count this process's _passes refers to
         self._passes = 0  # iter() calls in this process since that set_epoch
+
+    def problem_counts(self) -> tuple[int, int]:
+        """(samples skipped, shards whose checksum failed) so far, over this process and its loader workers; only
+        ``on_error="skip"`` counts (``raise`` stops at the first problem)."""
+        skipped, bad_shards = self._problems.sum(dim=0).tolist()
+        return int(skipped), int(bad_shards)
+
+    def _record_problem(self, error: DataError, lost: int) -> None:
+        """The ``on_error`` policy: raise ``error``, or count it (and log it) and go on."""
+        if self.on_error == "raise":
+            raise error
+        info = get_worker_info()
+        row = self._problems[0 if info is None else 1 + info.id % MAX_LOADER_WORKERS]
+        row[0] += lost
+        row[1] += int(isinstance(error, ChecksumError))
+        log.warning("data.on_error=skip: %s (%d samples skipped)", error, lost)
 
     def set_epoch(self, epoch: int) -> None:
         """The next ``iter()`` here and in every worker of a ``make_loader`` loader (running or not) is ``epoch``."""
@@ -269,8 +372,8 @@ class ShardDataset(IterableDataset):
                 " fewer workers or fewer ranks"
             )
 
-    def slot_records(self, slot: int, num_slots: int, epoch: int) -> Iterator[tuple[str, bytes, int]]:
-        """One epoch of raw (key, image bytes, label) for one slot, before shuffling and augmentation.
+    def slot_records(self, slot: int, num_slots: int, epoch: int) -> Iterator[tuple[str, bytes, int, str]]:
+        """One epoch of raw (key, image bytes, label, shard URL) for one slot, before shuffling and augmentation.
 
         The slot's :func:`epoch_share` of the epoch's slice order; a function of (seed, epoch, slot, num_slots) only.
         """
@@ -286,15 +389,26 @@ class ShardDataset(IterableDataset):
             lo, hi = max(start - offset, 0), min(stop - offset, piece.num_samples)
             offset += piece.num_samples
             if lo < hi:  # the first `lo` records are streamed past (read, never decoded)
-                yield from itertools.islice(_read_shard(piece.url, hi), lo, None)
+                records = _read_shard(piece.url, hi, piece.sha256 if self.verify_checksums else None,
+                                      self._record_problem)
+                for key, image, label in itertools.islice(records, lo, None):
+                    yield key, image, label, piece.url
 
     def _epoch_samples(self, slot: int, num_slots: int, epoch: int) -> Iterator[tuple]:
         records = self.slot_records(slot, num_slots, epoch)
         rng = random.Random(f"samples-{self.seed}-{epoch}-{slot}")
         if self.train and self.shuffle_buffer > 1:
             records = _shuffled(records, self.shuffle_buffer, rng)
-        for key, image_bytes, label in records:
-            decoded = decode_pil(image_bytes, self._decode_side)
+        for key, image_bytes, label, url in records:
+            try:
+                decoded = decode_pil(image_bytes, self._decode_side)
+            except Exception as exc:  # noqa: BLE001 - PIL raises several types for bad bytes
+                failure = DataError(f"shard {url}: sample {key}: undecodable image ({type(exc).__name__}: {exc})")
+            else:
+                failure = None
+            if failure is not None:  # outside the except block: the user sees this error, not a chain
+                self._record_problem(failure, 1)
+                continue
             size = self.image_size or min(decoded.size)
             if self.train:
                 image = train_view(decoded, size, self.augment, rng)
@@ -331,6 +445,7 @@ def make_loader(dataset: ShardDataset, batch_size: int, num_workers: int = 0, pi
     """
     if num_workers > 0:
         dataset._epoch_state.share_memory_()  # in place: set_epoch in this process reaches the workers
+        dataset._problems.share_memory_()  # and the workers' problem counts reach this process
     return DataLoader(
         dataset,
         batch_size=batch_size,

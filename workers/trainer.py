@@ -45,6 +45,8 @@ class Progress:
     cpu_seconds: float = 0.0      # measured CPU time of every worker and its DataLoader processes, all segments
     best_val_acc: float = -1.0    # best val/acc among checkpointed steps (early stopping ranks checkpoints)
     best_step: int = 0
+    skipped_samples: int = 0      # data.on_error: skip: samples dropped, all ranks and segments
+    corrupt_shards: int = 0       # ... and shards whose checksum failed
 
 
 def process_tree_cpu_seconds() -> float:
@@ -174,6 +176,7 @@ class Trainer:
         # Rank 0: a CPU copy of the best checkpointed weights of this segment, for the evaluation after training
         # (workers.train.best_model reads earlier segments' best from storage instead).
         self.best_state: dict[str, Tensor] | None = None
+        self.datasets: list[ShardDataset] = []  # of the running segment (fit), for data.on_error counts
 
     # -- state ---------------------------------------------------------------------------------------------------
 
@@ -202,8 +205,9 @@ class Trainer:
             fraction_slices(self.train_manifest, data.fraction), train=True, rank=self.rank,
             world_size=self.world_size, seed=self._seed(self.progress.step), repeat=True,
             shuffle_buffer=data.shuffle_buffer, augment=data.augment, image_size=self.image_size,
-            permute=permute_spec(data),
+            permute=permute_spec(data), on_error=data.on_error, verify_checksums=data.verify_checksums,
         )
+        self.datasets.append(dataset)
         per_rank = self.trial.train.batch_size // self.world_size
         return _infinite(make_loader(dataset, per_rank, data.loader_workers, pin_memory=self.device.type == "cuda"))
 
@@ -211,8 +215,10 @@ class Trainer:
         data = self.trial.data
         dataset = ShardDataset(
             fraction_slices(self.val_manifest, 1.0), train=False, rank=self.rank, world_size=self.world_size,
-            augment=data.augment, image_size=self.image_size, permute=permute_spec(data),
+            augment=data.augment, image_size=self.image_size, permute=permute_spec(data), on_error=data.on_error,
+            verify_checksums=data.verify_checksums,
         )
+        self.datasets.append(dataset)
         return make_loader(dataset, self.trial.train.batch_size // self.world_size, data.loader_workers)
 
     def _autocast(self):
@@ -254,6 +260,8 @@ class Trainer:
             torch.set_num_threads(self.cores)
         # Stochastic depth and dropout draw from the global generator: distinct per rank, fixed per resume point.
         torch.manual_seed(self._seed(progress.step, self.rank, 13))
+        self.datasets = []  # this segment's ShardDatasets, whose problem counts the reports sum (data.on_error)
+        self._problems_before = (progress.skipped_samples, progress.corrupt_shards)
         batches, val_loader = self.train_batches(), self.val_loader()
         segment_start, segment_cpu = time.perf_counter(), process_tree_cpu_seconds()
         self.first_step_unix = None  # wall-clock marks of this segment, for the per-trial overhead (time/*)
@@ -296,13 +304,20 @@ class Trainer:
         val_loss, val_acc = self.evaluate(val_loader)
         checkpoint = step % tr.checkpoint_every == 0 or step == tr.steps
         # Ray's report is a barrier anyway, so summing the CPU time over ranks here costs no extra wait.
-        (segment_cpu_all,) = _sum_over_ranks([process_tree_cpu_seconds() - segment_cpu], self.device)
+        problems = [sum(d.problem_counts()[i] for d in self.datasets) for i in (0, 1)]
+        segment_cpu_all, *problems = _sum_over_ranks([process_tree_cpu_seconds() - segment_cpu, *problems],
+                                                      self.device)
         progress.wall_seconds = wall_before + time.perf_counter() - segment_start
         progress.cpu_seconds = cpu_before + segment_cpu_all
+        progress.skipped_samples, progress.corrupt_shards = (b + int(n) for b, n in zip(self._problems_before,
+                                                                                         problems))
         images_seen = step * tr.batch_size
         metrics: dict[str, float] = {"step": step, "val/loss": val_loss, "val/acc": val_acc,
                                      "images_seen": images_seen, "epochs": images_seen / self.train_images,
                                      "compute/wall_seconds": progress.wall_seconds}
+        if self.trial.data.on_error == "skip":
+            metrics.update({"data/skipped_samples": progress.skipped_samples,
+                            "data/corrupt_shards": progress.corrupt_shards})
         # >=: the latest of equal checkpoints wins, as Ray Train keeps it (its retention evicts the earlier of ties),
         # so the best step here is always a checkpoint that still exists (pipeline.trial.best_checkpoint agrees).
         if checkpoint and val_acc >= progress.best_val_acc:

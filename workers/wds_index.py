@@ -46,7 +46,6 @@ scale of its prefixes. Random access by (shard, key) would need one ranged read 
 
 from __future__ import annotations
 
-import hashlib
 import io
 import math
 import os
@@ -57,7 +56,7 @@ import tarfile
 import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, BinaryIO
+from typing import Any
 
 import fsspec
 import numpy as np
@@ -67,7 +66,7 @@ from webdataset.shardlists import expand_urls
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from workers.manifest import MANIFEST_NAME, Manifest, ShardInfo, _join, _normalize_url, write_manifest
-from workers.shard_reader import IMAGE_EXTENSIONS, LABEL_KEYS, sample_label
+from workers.shard_reader import IMAGE_EXTENSIONS, LABEL_KEYS, HashingReader, sample_label
 from workers.shard_writer import _TAR_MTIME, SHARD_PATTERN, _HashingWriter
 
 SORTED_PREFIX_FRACTION = 0.03  # the compared prefix: ~3 % of the split ...
@@ -112,24 +111,6 @@ def _check_exist(urls: list[str], urls_pattern: str) -> None:
         raise FileNotFoundError(f"{len(missing)} of the {len(urls)} shards of {urls_pattern!r} do not exist: {shown}")
 
 
-class _HashingReader:
-    """Read-through wrapper computing the sha256 of everything read (tarfile's stream mode only calls read)."""
-
-    def __init__(self, f: BinaryIO):
-        self.f, self.digest = f, hashlib.sha256()
-
-    def read(self, size: int = -1) -> bytes:
-        data = self.f.read(size)
-        self.digest.update(data)
-        return data
-
-    def hexdigest_of_all(self) -> str:
-        """The file's sha256: hash whatever tarfile left unread (end-of-archive padding) first."""
-        while self.read(1 << 20):
-            pass
-        return self.digest.hexdigest()
-
-
 @dataclass
 class _ShardScan:
     url: str
@@ -153,7 +134,7 @@ def _scan_shard(url: str, label_key: str, sink: Sink | None = None) -> _ShardSca
     """Stream one tar once: sha256, labels in order, image sizes; hand each sample to ``sink`` if given."""
     scan = _ShardScan(url)
     with fsspec.open(url, "rb") as f:
-        reader = _HashingReader(f)
+        reader = HashingReader(f)
         try:
             for sample in group_by_keys(tar_file_expander([{"url": url, "stream": reader}])):
                 where = f"{url}: sample {sample['__key__']}"
