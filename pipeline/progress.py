@@ -6,6 +6,7 @@ where it is.
 
 from __future__ import annotations
 
+import re
 import sys
 import time
 from collections.abc import Callable
@@ -88,4 +89,26 @@ class StudyProgress(Callback):
 
     def on_trial_error(self, iteration, trials, trial, **info) -> None:
         self.done += 1
-        self.write(f"{self._prefix()} FAILED {trial}: see {trial.local_path}/error.txt")
+        cause = root_cause(getattr(trial, "error_file", None))
+        self.write(f"{self._prefix()} FAILED {trial}{': ' + cause if cause else ''} (full traceback: "
+                   f"{trial.local_path}/error.txt)")
+
+
+# "pkg.module.SomeError: message" (or "SomeError: ...") at the start of a traceback line
+_EXCEPTION_LINE = re.compile(r"^\s*(?:[A-Za-z_][\w.]*\.)?([A-Za-z_]\w*(?:Error|Exception)): (.+)$")
+_WRAPPERS = {"TrainingFailedError", "WorkerGroupError", "RayTaskError", "RayActorError", "TuneError"}
+
+
+def root_cause(error_file: str | None, limit: int = 600) -> str | None:
+    """The innermost ``SomeError: message`` of a trial's error.txt (Ray wraps a worker's error in several layers),
+    skipping Ray's own wrapper types; None if there is no file or no such line."""
+    try:
+        with open(error_file) as f:
+            lines = f.read().splitlines()
+    except (OSError, TypeError):
+        return None
+    causes = [m for m in map(_EXCEPTION_LINE.match, lines) if m and m.group(1) not in _WRAPPERS]
+    if not causes:
+        return None
+    name, message = causes[-1].groups()
+    return f"{name}: {message}"[:limit]

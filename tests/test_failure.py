@@ -1,32 +1,67 @@
-"""A trial that fails for good ends its MLflow run FAILED (never left RUNNING), the study says so, and a
-deterministic failure is retried by one layer only: 1 + max_failures attempts, not (1 + max_failures)²."""
+"""A trial that fails for good ends its MLflow run FAILED (never left RUNNING), the study says why in one line, and
+a deterministic failure is retried by one layer only: 1 + max_failures attempts, not (1 + max_failures)².
+
+The failure here is corrupt data (a truncated training shard), the case where a user most needs the cause: the
+error names the shard, arrives within a bounded time (no DDP hang while one rank fails), and with
+``data.on_error: skip`` the same study finishes and counts what it skipped.
+"""
 
 from __future__ import annotations
 
 import shutil
+import time
 from pathlib import Path
 
+import pytest
 from mlflow.tracking import MlflowClient
 
 from tests.conftest import cli_env, run_cli, study_dict, write_study
 
 
-def test_failed_trial_is_marked_failed(tmp_path: Path, digits16: Path) -> None:
+@pytest.fixture
+def truncated(tmp_path: Path, digits16: Path) -> tuple[Path, Path]:
     data = tmp_path / "digits"
     shutil.copytree(digits16, data)
-    (data / "val" / "shard-000001.tar").unlink()  # the manifest still lists it: reading val fails mid-trial
-    study = study_dict("broken", data, train={"steps": 20, "eval_every": 10, "checkpoint_every": 10},
+    shard = data / "train" / "shard-000001.tar"
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])  # the manifest still promises 25 samples
+    return data, shard
+
+
+def _run(tmp_path: Path, data: Path, name: str, fewshot_data: Path, **data_options):
+    study = study_dict(name, data, train={"steps": 20, "eval_every": 10, "checkpoint_every": 10},
                        resources={"workers_per_trial": 2, "max_failures": 1})
-    path = write_study(tmp_path / "broken.yaml", study)
+    study["base"]["data"].update(data_options)
+    # data.on_error covers the upstream streams; evaluation sets must be whole (a skipped sample would change them)
+    study["base"]["fewshot"].update({"train": str(fewshot_data / "train"), "test": str(fewshot_data / "test")})
+    path = write_study(tmp_path / f"{name}.yaml", study)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    started = time.monotonic()
     result = run_cli(["run", str(path), "--tracking-uri", uri, "--storage", str(tmp_path / "runs")],
                      cli_env(tmp_path), timeout=600)
-    assert result.returncode == 1, result.stdout[-3000:] + result.stderr[-3000:]
-    assert "FAILED base" in result.stdout and "failed: base" in result.stdout
-
     client = MlflowClient(uri)
-    exp = client.get_experiment_by_name("broken")
+    exp = client.get_experiment_by_name(name)
     runs = {r.data.tags["mixer.role"]: r for r in client.search_runs([exp.experiment_id])}
+    return result, runs, time.monotonic() - started
+
+
+def test_corrupt_shard_fails_the_trial_naming_it(tmp_path: Path, truncated: tuple[Path, Path],
+                                                 digits16: Path) -> None:
+    data, shard = truncated
+    result, runs, elapsed = _run(tmp_path, data, "broken", digits16)
+    assert result.returncode == 1, result.stdout[-3000:] + result.stderr[-3000:]
+    failed_line = next(line for line in result.stdout.splitlines() if "FAILED base" in line)
+    assert f"DataError: shard {shard}" in failed_line and "fewer than the 25" in failed_line, failed_line
+    assert "failed: base" in result.stdout
+    assert elapsed < 240, f"{elapsed:.0f} s for two failing attempts: a rank waited on the failed one"
     assert runs["trial"].info.status == "FAILED"
     assert runs["trial"].data.tags["mixer.attempts"] == "2"  # Tune's retry only; Ray Train's own retry is off
     assert runs["study"].info.status == "FAILED"
+
+
+def test_skip_policy_finishes_and_counts(tmp_path: Path, truncated: tuple[Path, Path], digits16: Path) -> None:
+    data, _shard = truncated
+    result, runs, _ = _run(tmp_path, data, "skipping", digits16, on_error="skip")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    metrics = runs["trial"].data.metrics
+    assert runs["trial"].info.status == "FINISHED"
+    assert metrics["data/skipped_samples"] > 0 and metrics["data/corrupt_shards"] >= 1
