@@ -5,6 +5,7 @@
   plan      dry run of a study: grid, steps, epochs, FLOPs (no Ray)
   run       run a study on Ray Tune (embedded local Ray, or --address / $RAY_ADDRESS)
   resume    finish an interrupted study
+  sync      send to MLflow what a study spooled while the tracking server was down
   train     run one trial (a study's base recipe, with --set overrides)
   fewshot   linear few-shot evaluation of a checkpoint
   report    results table + the paper's figures from a study's MLflow runs
@@ -106,6 +107,12 @@ def _resume(args: argparse.Namespace) -> None:
     _print_rows(rows)
     if any(r["status"] != "DONE" for r in rows):
         raise SystemExit(1)
+
+
+def _sync(args: argparse.Namespace) -> None:
+    from pipeline.tune import sync_study
+
+    sync_study(args.name, storage=args.storage)
 
 
 def _print_rows(rows: list[dict[str, Any]]) -> None:
@@ -260,6 +267,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = verbs.add_parser("resume", parents=[ray_args], help="finish an interrupted study")
     p.add_argument("name", help="study name (as in its YAML)")
     p.set_defaults(func=_resume)
+
+    p = verbs.add_parser("sync", help="send to MLflow what a study spooled while its tracking server was down")
+    p.add_argument("name", help="study name (as in its YAML)")
+    p.add_argument("--storage", help="the study's storage (default $MIXER_STUDY_STORAGE, else ./runs)")
+    p.set_defaults(func=_sync)
 
     p = verbs.add_parser("train", parents=[ray_args, track_args], help="run one trial of a study's base recipe")
     p.add_argument("--config", required=True, help="study YAML file (its base recipe is trained; grid ignored)")

@@ -26,10 +26,10 @@ so the runs of a sweep do not overwrite each other's points in the trial's singl
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import ray.train
-from mlflow.tracking import MlflowClient
 from ray.train.torch import TorchTrainer
 
 from pipeline.tracking import checkpoint_uri
@@ -51,14 +51,15 @@ def finetune_run_name(trial_name: str, lr: float) -> str:
     return f"{trial_name}-finetune-{lr_tag(lr)}"
 
 
-def run_finetune(job: dict[str, Any], checkpoint: ray.train.Checkpoint, client: MlflowClient,
-                 run_id: str) -> dict[str, float]:
+def run_finetune(job: dict[str, Any], checkpoint: ray.train.Checkpoint, mlflow: dict[str, Any],
+                 set_tag: Callable[[str, str], None]) -> dict[str, float]:
     """Fine-tune ``checkpoint`` once per ``finetune.lr`` and return the stage's metrics (module docstring).
 
     ``job``: the trial's job dict (``pipeline.trial.TrialJob`` fields: name, trial, storage, workers,
-    cpus_per_worker, gpus_per_worker, tracking_uri, system_metrics). ``client``/``run_id``: the trial's MLflow
-    run, which gets the tags ``finetune.best_lr``, ``finetune.checkpoint`` (the best run's final checkpoint) and
-    ``ray.finetune_run``. Returns {} when the trial has no ``finetune`` block.
+    cpus_per_worker, gpus_per_worker). ``mlflow``: the workers' logging config (tracking_uri, run_id,
+    system_metrics, spool) of the trial's run; ``set_tag`` sets a tag of that run (``finetune.best_lr``,
+    ``finetune.checkpoint``: the best run's final checkpoint, ``ray.finetune_run``). Returns {} when the trial has
+    no ``finetune`` block.
     """
     trial = TrialConfig.model_validate(job["trial"])
     ft = trial.finetune
@@ -68,8 +69,6 @@ def run_finetune(job: dict[str, Any], checkpoint: ray.train.Checkpoint, client: 
     scaling = ray.train.ScalingConfig(
         num_workers=job["workers"], use_gpu=bool(gpus), resources_per_worker={"CPU": job["cpus_per_worker"], **gpus},
     )
-    mlflow = {"tracking_uri": job["tracking_uri"], "run_id": run_id,
-              "system_metrics": job.get("system_metrics", False)}
     results: dict[float, ray.train.Result] = {}
     for lr in ft.lr:
         trainer = TorchTrainer(
@@ -101,8 +100,8 @@ def run_finetune(job: dict[str, Any], checkpoint: ray.train.Checkpoint, client: 
     }
     if ft.image_size:
         metrics[f"finetune/top1_{ft.image_size}px"] = metrics["finetune/top1"]
-    client.set_tag(run_id, "finetune.best_lr", f"{best_lr:g}")
-    client.set_tag(run_id, "ray.finetune_run", best.path)
+    set_tag("finetune.best_lr", f"{best_lr:g}")
+    set_tag("ray.finetune_run", best.path)
     if best.checkpoint is not None:
-        client.set_tag(run_id, "finetune.checkpoint", checkpoint_uri(best.checkpoint))
+        set_tag("finetune.checkpoint", checkpoint_uri(best.checkpoint))
     return metrics

@@ -6,13 +6,12 @@ study, a retried trial or a driver on another machine all land in the same runs:
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
 import os
 import subprocess
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,7 +23,7 @@ from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT, MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 
 from pipeline.spec import StudyError
-from workers.track import ROLE_TAG, STUDY_TAG, TRIAL_TAG, tag_filter
+from workers.track import ROLE_TAG, STUDY_TAG, TRIAL_TAG, fail_fast_http, tag_filter
 
 log = logging.getLogger(__name__)
 
@@ -70,26 +69,9 @@ def connect_tracking(uri: str, *, embedded_ray: bool = True, timeout_s: float = 
     return clean
 
 
-@contextlib.contextmanager
-def _http_without_retries(timeout_s: float) -> Iterator[None]:
-    """MLflow's HTTP client with no retries and a ``timeout_s`` timeout in this block: its defaults (7 retries with
-    exponential back-off, 120 s timeouts) take minutes to report a server that is simply not there."""
-    settings = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": str(int(max(timeout_s, 1)))}
-    saved = {key: os.environ.get(key) for key in settings}
-    os.environ.update(settings)
-    try:
-        yield
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-
-
 def check_tracking(uri: str, timeout_s: float = 10.0) -> None:
     """Raise StudyError unless the MLflow store at ``uri`` answers a query within about ``timeout_s``."""
-    with _http_without_retries(timeout_s):
+    with fail_fast_http(timeout_s):
         try:
             MlflowClient(uri).search_experiments(max_results=1)
         except Exception as exc:  # noqa: BLE001 - any failure here means "cannot track": say so, with the cause

@@ -23,16 +23,17 @@ import mlflow.tracking
 import psutil
 import ray
 import ray.train
+from mlflow.entities import RunStatus
 from ray.train.torch import TorchTrainer
 
 from pipeline.finetune import run_finetune
 from pipeline.spec import StudyError, StudySpec
-from pipeline.tracking import DataSplit, checkpoint_uri, end_run, experiment_id, log_dataset_inputs, trial_run
+from pipeline.tracking import DataSplit, checkpoint_uri, experiment_id, log_dataset_inputs, trial_run
 from pipeline.trial_worker import trial_loop_per_worker
 from workers.config import TrialConfig, flatten
 from workers.fractions import subset_size
 from workers.manifest import Manifest, load_manifest
-from workers.track import ROLE_TAG, STUDY_TAG, TRIAL_TAG, RunLogger, tag_filter
+from workers.track import ROLE_TAG, STUDY_TAG, TRIAL_TAG, RunLogger, fail_fast_http, replay_spool, tag_filter
 
 log = logging.getLogger(__name__)
 
@@ -139,6 +140,10 @@ def run_trial(job_dict: dict[str, Any], in_tune: bool = False) -> dict[str, floa
     attempts = int(client.get_run(run_id).data.tags.get(ATTEMPTS_TAG, "0")) + 1
     client.set_tag(run_id, ATTEMPTS_TAG, str(attempts))
     client.set_tag(run_id, "mixer.grid_point", ",".join(f"{k}={v}" for k, v in job.point.items()) or "base")
+    spool = spool_url(job.storage, job.name)
+    with fail_fast_http():
+        replay_spool(client, spool)  # an earlier attempt's records first, so this attempt's follow them in order
+    run_log: RunLogger | None = None
     ok = False
     try:
         log_dataset_inputs(client, run_id, _dataset_inputs(trial, manifest))
@@ -148,13 +153,11 @@ def run_trial(job_dict: dict[str, Any], in_tune: bool = False) -> dict[str, floa
 
             callbacks.append(TuneReportCallback())
         gpus = {"GPU": job.gpus_per_worker} if job.gpus_per_worker else {}
+        worker_mlflow = {"tracking_uri": job.tracking_uri, "run_id": run_id, "system_metrics": job.system_metrics,
+                         "spool": spool}
         trainer = TorchTrainer(
             trial_loop_per_worker,
-            train_loop_config={
-                "trial": job.trial,
-                "mlflow": {"tracking_uri": job.tracking_uri, "run_id": run_id, "system_metrics": job.system_metrics},
-                "cpus_per_worker": job.cpus_per_worker,
-            },
+            train_loop_config={"trial": job.trial, "mlflow": worker_mlflow, "cpus_per_worker": job.cpus_per_worker},
             scaling_config=ray.train.ScalingConfig(
                 num_workers=job.workers, use_gpu=job.gpus_per_worker > 0,
                 resources_per_worker={"CPU": job.cpus_per_worker, **gpus},
@@ -172,29 +175,49 @@ def run_trial(job_dict: dict[str, Any], in_tune: bool = False) -> dict[str, floa
             ),
         )
         result = trainer.fit()
+        # From here on the store may be down (training did not need it): what it does not take is spooled.
+        run_log = RunLogger(job.tracking_uri, run_id, spool=spool)
         checkpoint, best_metrics = best_checkpoint(result)
-        client.set_tag(run_id, "checkpoint.best", checkpoint_uri(checkpoint))
-        client.set_tag(run_id, "ray.train_run", result.path)
-        # The workers logged best/* (at the last step) and, on rank 0, the few-shot of the best model to this run;
-        # every metric is logged once, by whoever computed it.
-        logged = client.get_run(run_id).data.metrics
-        if logged.get("best/step") != best_metrics["step"]:
-            raise RuntimeError(f"trial {job.name}: the workers' best step {logged.get('best/step')} is not Ray's best "
-                               f"checkpoint (step {best_metrics['step']})")
-        if trial.fewshot.enabled and not any(k.startswith("fewshot/") for k in logged):
-            raise RuntimeError(f"trial {job.name}: the workers logged no few-shot metrics to run {run_id}")
+        run_log.set_tag("checkpoint.best", checkpoint_uri(checkpoint))
+        run_log.set_tag("ray.train_run", result.path)
+        logged = None if run_log.spooling else _run_metrics(client, run_id)
+        if logged is not None:
+            # The workers logged best/* (at the last step) and, on rank 0, the few-shot of the best model to this
+            # run; every metric is logged once, by whoever computed it.
+            if logged.get("best/step") != best_metrics["step"]:
+                raise RuntimeError(f"trial {job.name}: the workers' best step {logged.get('best/step')} is not Ray's "
+                                   f"best checkpoint (step {best_metrics['step']})")
+            if trial.fewshot.enabled and not any(k.startswith("fewshot/") for k in logged):
+                raise RuntimeError(f"trial {job.name}: the workers logged no few-shot metrics to run {run_id}")
+        else:
+            log.warning("trial %s: MLflow does not answer; its records wait in %s for `mixer-study sync`", job.name,
+                        spool)
+            logged = dict(result.metrics or {})  # the last report's best/*; the few-shot is in the spool
         final: dict[str, float] = {}
         if trial.finetune.enabled:  # the paper's fine-tuning of the best checkpoint, on the trial's resources
-            final.update(run_finetune(job_dict, checkpoint, client, run_id))
+            final.update(run_finetune(job_dict, checkpoint, worker_mlflow, run_log.set_tag))
         # This attempt's process started when Tune (or the `train` verb) launched it: with the end, the span whose
         # parts outside the step loop are the per-trial overhead (analysis.timeline). Logged once, at the end.
         final.update({"time/trial_start_unix": psutil.Process().create_time(), "time/trial_end_unix": time.time()})
-        driver_log = RunLogger(job.tracking_uri, run_id)  # skips what an earlier attempt already logged
-        driver_log.log(final, trial.train.steps)
-        driver_log.flush()
+        run_log.log(final, trial.train.steps)  # skips what an earlier attempt already logged
         ok = True
         headline = {k: v for k, v in logged.items() if k.split("/")[0] in ("best", "fewshot")}
         return {**headline, **{k: v for k, v in final.items() if k.startswith("finetune/")}}
     finally:
-        end_run(client, run_id, ok)
+        run_log = run_log or RunLogger(job.tracking_uri, run_id, spool=spool)
+        run_log.close(RunStatus.to_string(RunStatus.FINISHED if ok else RunStatus.FAILED))
+
+
+def spool_url(trial_storage: str, name: str) -> str:
+    """Where trial ``name``'s MLflow records wait while the store is down: inside its Ray Train run folder."""
+    return f"{trial_storage.rstrip('/')}/{name}/mlflow-spool"
+
+
+def _run_metrics(client: mlflow.tracking.MlflowClient, run_id: str) -> dict[str, float] | None:
+    """The run's latest metrics, or None if the store does not answer."""
+    try:
+        with fail_fast_http():
+            return client.get_run(run_id).data.metrics
+    except Exception:  # noqa: BLE001 - any failure means "not now": the caller spools
+        return None
 

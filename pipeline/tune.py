@@ -22,14 +22,16 @@ import fsspec
 import mlflow.tracking
 import ray
 import yaml
+from mlflow.entities import RunStatus
 from ray import tune
 
 from pipeline.lock import StudyLock
 from pipeline.plan import TrialPlan, plan_study
 from pipeline.progress import StudyProgress
 from pipeline.spec import StudyError, StudySpec, parse_study
-from pipeline.tracking import connect_tracking, end_run, experiment_id, redact_url, resolve_tracking_uri, study_run
+from pipeline.tracking import connect_tracking, experiment_id, redact_url, resolve_tracking_uri, study_run
 from pipeline.trial import make_job, run_trial
+from workers.track import fail_fast_http, replay_spool, write_spool
 
 DEFAULT_STORAGE = "runs"
 # The trial driver needs no CPU: Ray rejects an all-zero request ("empty head"), so ask for a token of memory.
@@ -198,7 +200,7 @@ def _start_or_continue(spec: StudySpec, plans: list[TrialPlan], *, address: str 
             failure_config=tune.FailureConfig(max_failures=spec.resources.max_failures),
         ),
     )
-    return _finish(tuner.fit(), client, parent, write)
+    return _finish(tuner.fit(), client, parent, study_dir, write)
 
 
 def load_stored_spec(name: str, storage: str | None = None) -> StudySpec:
@@ -226,16 +228,17 @@ def resume_study(name: str, *, address: str | None = None, storage: str | None =
 
 def _resume_locked(spec: StudySpec, tune_dir: str, tracking_uri: str, *, address: str | None,
                    write: Callable[[str], None]) -> list[dict[str, Any]]:
-    name = spec.name
+    name, study_dir = spec.name, tune_dir.rsplit("/", 1)[0]
     client = mlflow.tracking.MlflowClient(tracking_uri)
     parent = study_run(client, experiment_id(client, spec.experiment), spec.name, {})
     init_ray(address)
     write(f"resuming study {name} from {tune_dir}; Ray logs: {ray_logs_dir()}")
     tuner = tune.Tuner.restore(tune_dir, trainable=_trainable(), resume_unfinished=True, resume_errored=True)
-    return _finish(tuner.fit(), client, parent, write)
+    return _finish(tuner.fit(), client, parent, study_dir, write)
 
 
-def _finish(results: tune.ResultGrid, client, parent_run_id: str, write: Callable[[str], None]) -> list[dict]:
+def _finish(results: tune.ResultGrid, client, parent_run_id: str, study_dir: str,
+            write: Callable[[str], None]) -> list[dict]:
     rows = []
     for result in results:
         metrics = result.metrics or {}
@@ -246,7 +249,50 @@ def _finish(results: tune.ResultGrid, client, parent_run_id: str, write: Callabl
             "fewshot/5shot": metrics.get("fewshot/5shot"),
         })
     failed = [r["trial"] for r in rows if r["status"] != "DONE"]
-    end_run(client, parent_run_id, ok=not failed)
+    status = RunStatus.to_string(RunStatus.FINISHED if not failed else RunStatus.FAILED)
+    # Records that trials spooled while MLflow was down go in now, then the study's own end.
+    write_spool(_join(study_dir, SPOOL), parent_run_id, [], {}, status)
+    try:
+        sent = sync_spools(client, study_dir)
+    except Exception as exc:  # noqa: BLE001 - the store is down: everything waits in the spools
+        write(f"MLflow does not answer ({type(exc).__name__}): the study's results wait in {redact_url(study_dir)} "
+              f"(mlflow-spool folders); once it is back, run `mixer-study sync {Path(study_dir).name} --storage "
+              f"{redact_url(study_dir.rsplit('/', 1)[0])}`")
+    else:
+        if sent:
+            write(f"sent {sent} metric points that waited in the spools while MLflow was down")
     failures = f"; failed: {', '.join(failed)}" if failed else ""
     write(f"{len(rows) - len(failed)}/{len(rows)} trials finished{failures}")
     return rows
+
+
+SPOOL = "mlflow-spool"  # folder name of the MLflow records that wait for the store (workers.track)
+
+
+def spool_folders(study_dir: str) -> list[str]:
+    """The study's spool folders: its own (the parent run's end) and each trial's (pipeline.trial.spool_url)."""
+    fs, root = fsspec.core.url_to_fs(study_dir)
+    protocol = study_dir.split("://", 1)[0] + "://" if "://" in study_dir else ""
+    found = fs.glob(f"{root}/train/*/{SPOOL}") + fs.glob(f"{root}/{SPOOL}")
+    return [protocol + path for path in found]
+
+
+def sync_spools(client, study_dir: str) -> int:
+    """Replay every spool of the study into MLflow (trials first, the study's end last); the points sent."""
+    with fail_fast_http():
+        client.search_experiments(max_results=1)  # fails at once if the store is down
+        return sum(replay_spool(client, folder) for folder in spool_folders(study_dir))
+
+
+def sync_study(name: str, *, storage: str | None = None, write: Callable[[str], None] = print) -> int:
+    """`mixer-study sync`: send what a study spooled while MLflow was down. Refused while a driver runs the study
+    (its trials replay their own spools); returns the metric points sent."""
+    spec = load_stored_spec(name, storage)
+    study_dir = _join(resolve_storage(storage), name)
+    tracking_uri = connect_tracking(spec.tracking.uri)
+    with StudyLock(study_dir):
+        folders = spool_folders(study_dir)
+        sent = sync_spools(mlflow.tracking.MlflowClient(tracking_uri), study_dir)
+    write(f"study {name}: {sent} metric points sent to {tracking_uri} from {len(folders)} spool folder(s)"
+          if folders else f"study {name}: nothing spooled, MLflow {tracking_uri} has everything")
+    return sent

@@ -15,6 +15,7 @@ from mlflow.tracking import MlflowClient
 from analysis import figures
 from analysis.results import load_study
 from tests.conftest import CLI, REPO, cli_env, duplicated_points, run_cli, study_dict, write_study
+from workers.checkpoint import load_model
 
 NAME = "grid"
 # Families mixed in one grid: a Mixer and a ViT of the same CPU size (Fig. 2 right draws one curve per model).
@@ -64,12 +65,20 @@ def study(tmp_path_factory, digits16: Path) -> dict:
     os.killpg(driver.pid, signal.SIGKILL)  # the driver and the embedded Ray it started
     driver.wait()
     finished_before = _finished_trials(uri)
+    # What a kill during a checkpoint upload leaves: a newer step folder with a partial state. Ray Train resumes
+    # from the checkpoints it registered, so this one must never be loaded (it would fail to); the resumed run
+    # later writes the real step 60 over it.
+    partial = storage / NAME / "train" / killed_trial / "step_00000060"
+    planted = not partial.exists()
+    if planted:
+        partial.mkdir()
+        (partial / "state.pt").write_bytes(b"PK\x03\x04 cut short by a kill")
     time.sleep(3)
 
     resumed = run_cli(["resume", NAME, "--storage", str(storage)], env, timeout=1200)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     return {"uri": uri, "storage": storage, "killed": killed_trial, "finished_before": finished_before,
-            "resume_log": resumed.stdout, "tmp": tmp, "second_drivers": second}
+            "resume_log": resumed.stdout, "tmp": tmp, "second_drivers": second, "partial": partial if planted else None}
 
 
 def test_one_finished_run_per_grid_point(study: dict) -> None:
@@ -114,6 +123,9 @@ def test_resume_finishes_only_the_rest_from_checkpoints(study: dict) -> None:
     assert steps == list(range(10, 61, 10))
     for trial in client.search_runs([exp.experiment_id], "tags.`mixer.role` = 'trial'"):
         assert duplicated_points(client, trial.info.run_id) == {}, trial.data.tags["mixer.trial"]
+    assert run.data.tags["mixer.attempts"] == "2"  # resumed once, from a registered checkpoint, not the partial one
+    if study["partial"] is not None:  # overwritten by the resumed run's own step 60: a loadable checkpoint now
+        assert "Nano" in load_model(study["partial"]).variant.name
 
 
 def test_report_writes_every_figure(study: dict) -> None:

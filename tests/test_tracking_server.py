@@ -68,3 +68,67 @@ def test_credentials_never_reach_mlflow_tune_state_or_logs(tmp_path: Path, digit
 
         stop_processes_mentioning(str(ray_tmp))
         shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
+def _wait_for(path: Path, driver, timeout: float = 600) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert driver.poll() is None, f"the study ended before {path.name} appeared"
+        assert time.monotonic() < deadline, f"no {path} after {timeout} s"
+        time.sleep(0.2)
+
+
+def _assert_complete_history(client: MlflowClient, run, steps: int, log_every: int) -> None:
+    from tests.conftest import duplicated_points
+
+    assert duplicated_points(client, run.info.run_id) == {}
+    logged = sorted(m.step for m in client.get_metric_history(run.info.run_id, "train/loss"))
+    assert logged == list(range(log_every, steps + 1, log_every))  # none lost while the store was down
+    for key in ("fewshot/5shot", "best/val_acc", "time/trial_end_unix", "compute/images_seen"):
+        assert key in run.data.metrics, key
+
+
+def test_tracking_outage_mid_study_is_spooled_and_synced(tmp_path: Path, digits16: Path) -> None:
+    """The server stops mid-training. Study A: it is back before the trial ends, and the trial's own flushes replay
+    the spool. Study B: it stays down until the driver exits; `mixer-study sync` sends everything afterwards."""
+    import subprocess
+
+    from tests.conftest import CLI, REPO
+
+    log_every = 5
+    port, root = free_port(), tmp_path / "server"
+    storage = tmp_path / "runs"
+    env = cli_env(tmp_path)
+    for name, steps in (("outage-back", 600), ("outage-sync", 200)):
+        # One worker: the other core restarts the server (10 s idle, 30 s beside a 2-worker trial).
+        study = study_dict(name, digits16, train={"steps": steps, "log_every": log_every, "eval_every": 20,
+                                                  "checkpoint_every": 100}, resources={"workers_per_trial": 1})
+        path = write_study(tmp_path / f"{name}.yaml", study)
+        train_dir = storage / name / "train" / "base"
+        log_path = tmp_path / f"{name}.log"
+        with open(log_path, "w") as log:
+            with mlflow_server(root, port) as uri:
+                driver = subprocess.Popen(CLI + ["run", str(path), "--tracking-uri", uri, "--storage", str(storage)],
+                                          env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+                _wait_for(train_dir / "step_00000100", driver)
+            deadline = time.monotonic() + 120
+            while not any((train_dir / "mlflow-spool").glob("*.json")):  # the next flush found the store gone
+                assert driver.poll() is None and time.monotonic() < deadline, log_path.read_text()[-3000:]
+                time.sleep(0.1)
+            if name == "outage-sync":
+                assert driver.wait(timeout=600) == 0, log_path.read_text()[-3000:]  # trained on without the store
+                assert "mixer-study sync outage-sync" in log_path.read_text()
+            # back: for outage-back while the trial trains (the server takes 10-30 s to start here)
+            with mlflow_server(root, port) as uri:
+                if name == "outage-back":
+                    assert driver.poll() is None, "the trial ended before the store was back: raise its steps"
+                    assert driver.wait(timeout=600) == 0, log_path.read_text()[-3000:]
+                else:
+                    synced = run_cli(["sync", name, "--storage", str(storage)], env, timeout=300)
+                    assert synced.returncode == 0 and "metric points sent" in synced.stdout, synced.stderr[-3000:]
+                client = MlflowClient(uri)
+                exp = client.get_experiment_by_name(name)
+                runs = {r.data.tags["mixer.role"]: r for r in client.search_runs([exp.experiment_id])}
+                assert runs["trial"].info.status == "FINISHED" and runs["study"].info.status == "FINISHED", name
+                _assert_complete_history(client, runs["trial"], steps, log_every)
+                assert not list(storage.glob(f"{name}/**/mlflow-spool/*.json")), "spool left behind"

@@ -14,10 +14,16 @@ System metrics (CPU, memory, disk, network; GPU where ``nvidia-ml-py`` is instal
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
+import os
 import time
+import uuid
+from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
+import fsspec
 from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
 
@@ -44,14 +50,29 @@ class RunLogger:
     run's last ``system/`` step, so a resumed trial appends to its curves instead of overwriting step 0 onwards.
     ``$MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL`` and ``$MLFLOW_SYSTEM_METRICS_SAMPLES_BEFORE_LOGGING``, when set,
     take precedence over the arguments (MLflow reads them itself).
+
+    ``spool``: a folder URL (the trial's storage) that receives what MLflow does not take. When the tracking store
+    fails to answer, the batch (metrics, tags, the run's end status) is written there and training goes on; from
+    then on everything goes to the spool, in order, until a flush finds the store back and replays it
+    (:func:`replay_spool`, which skips points the run already has). Without a spool, an unreachable store raises.
+    System metrics sampled during an outage are lost (MLflow's sampler logs them itself).
     """
 
     def __init__(self, tracking_uri: str, run_id: str, system_metrics: bool = False, sampling_interval: float = 10.0,
-                 samples_before_logging: int = 1) -> None:
+                 samples_before_logging: int = 1, spool: str | None = None) -> None:
+        if spool:  # the spool is the retry: MLflow's back-off (7 retries, minutes) would stall training per flush
+            os.environ.update({"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"})
         self._client = MlflowClient(tracking_uri)
-        self._run_id = run_id
+        self._run_id, self._spool = run_id, spool
         self._pending: list[Metric] = []
-        self._last_step = last_logged_steps(self._client, run_id)  # {} for a new run
+        self._tags: dict[str, str] = {}
+        self._spooling = bool(spool) and bool(spool_files(spool))  # an earlier segment's leftovers go first
+        try:
+            self._last_step = last_logged_steps(self._client, run_id)  # {} for a new run
+        except Exception:
+            if not spool:
+                raise
+            self._last_step, self._spooling = {}, True  # the replay will drop what the run already has
         self.skipped = 0  # points not written because the run already had them (a resumed segment)
         self._monitor: SystemMetricsMonitor | None = None
         if system_metrics:
@@ -70,22 +91,133 @@ class RunLogger:
             self.flush()
 
     def set_tag(self, key: str, value: str) -> None:
-        self._client.set_tag(self._run_id, key, value)
+        """Set a tag of the run (sent with the next flush, in order with the metrics)."""
+        self._tags[key] = str(value)
+        self.flush()
 
-    def flush(self) -> None:
-        # MLflow caps a batch at 1000 metrics; flushing every 200 keeps us well under it.
-        if self._pending:
-            self._client.log_batch(self._run_id, metrics=self._pending)
-            self._pending = []
+    def flush(self, status: str | None = None) -> None:
+        """Send what is queued (and end the run with ``status``, e.g. "FINISHED", if given), or spool it."""
+        metrics, tags = self._pending, self._tags
+        self._pending, self._tags = [], {}
+        if not (metrics or tags or status):
+            return
+        if self._spooling and not self._replay():
+            self._write_spool(metrics, tags, status)
+            return
+        try:
+            for start in range(0, len(metrics), 1000):  # MLflow caps a batch at 1000 metrics
+                self._client.log_batch(self._run_id, metrics=metrics[start:start + 1000])
+            for key, value in tags.items():
+                self._client.set_tag(self._run_id, key, value)
+            if status:
+                self._client.set_terminated(self._run_id, status)
+        except Exception as exc:
+            if not self._spool:
+                raise
+            log.warning("MLflow did not take run %s's batch (%s: %s): spooling to %s until it answers", self._run_id,
+                        type(exc).__name__, exc, self._spool)
+            self._spooling = True
+            self._write_spool(metrics, tags, status)  # replay skips whatever part of the batch did arrive
 
-    def close(self) -> None:
-        """Flush pending metrics and stop the system-metrics sampler (it flushes its own buffer). Idempotent."""
+    @property
+    def spooling(self) -> bool:
+        """Whether some of this run's records wait in the spool (the store did not answer at the last flush)."""
+        return self._spooling
+
+    def _write_spool(self, metrics: list[Metric], tags: dict[str, str], status: str | None) -> None:
+        write_spool(self._spool, self._run_id, metrics, tags, status)
+
+    def _replay(self) -> bool:
+        try:
+            replay_spool(self._client, self._spool)
+        except Exception as exc:  # still down: keep spooling
+            log.debug("spool replay to MLflow failed: %s", exc)
+            return False
+        self._spooling = False
+        log.warning("MLflow answers again: run %s's spooled records are replayed", self._run_id)
+        return True
+
+    def close(self, status: str | None = None) -> None:
+        """Flush (ending the run with ``status`` if given) and stop the system-metrics sampler. Idempotent."""
         monitor, self._monitor = self._monitor, None
         try:
-            self.flush()
+            self.flush(status)
         finally:
             if monitor is not None:
                 monitor.finish()  # wakes the sampler at once; the samples of an unfinished window are dropped
+
+
+# -- the spool ---------------------------------------------------------------------------------------------------------
+
+
+def spool_files(spool: str) -> list[str]:
+    """The spool's record files in the order they were written (names start with a nanosecond timestamp)."""
+    fs, root = fsspec.core.url_to_fs(spool)
+    try:
+        return sorted(fs.find(root))
+    except FileNotFoundError:
+        return []
+
+
+def write_spool(spool: str, run_id: str, metrics: list[Metric], tags: dict[str, str], status: str | None) -> None:
+    """One record file: the metrics, tags and end status MLflow could not take, for :func:`replay_spool`."""
+    fs, root = fsspec.core.url_to_fs(spool)
+    fs.makedirs(root, exist_ok=True)
+    doc = {"run_id": run_id, "metrics": [[m.key, m.value, m.timestamp, m.step] for m in metrics], "tags": tags,
+           "status": status}
+    name = f"{time.time_ns():020d}-{os.getpid()}-{uuid.uuid4().hex[:8]}.json"
+    aside = f"{root}/.{name}"  # written aside and moved: a replay never reads half a record
+    fs.pipe_file(aside, json.dumps(doc).encode())
+    fs.mv(aside, f"{root}/{name}")
+
+
+def replay_spool(client: MlflowClient, spool: str) -> int:
+    """Send the spool's records to MLflow in the order written, deleting each once sent; returns the points sent.
+
+    A point is sent only past the last step its run already holds for that key (as :meth:`RunLogger.log` does), so
+    a record that partly arrived before the store failed, or a replay interrupted and run again, duplicates nothing.
+    Raises when the store does not answer; what was not sent stays in the spool.
+    """
+    sent, last = 0, {}
+    fs, _ = fsspec.core.url_to_fs(spool)
+    for path in spool_files(spool):
+        if path.rsplit("/", 1)[-1].startswith("."):
+            continue  # a record being written
+        doc = json.loads(fs.cat_file(path))
+        run_id = doc["run_id"]
+        if run_id not in last:
+            last[run_id] = last_logged_steps(client, run_id)
+        steps, metrics = last[run_id], []
+        for key, value, timestamp, step in doc["metrics"]:
+            if step > steps.get(key, -1):
+                steps[key] = step
+                metrics.append(Metric(key, float(value), int(timestamp), int(step)))
+        for start in range(0, len(metrics), 1000):
+            client.log_batch(run_id, metrics=metrics[start:start + 1000])
+        for key, value in doc["tags"].items():
+            client.set_tag(run_id, key, value)
+        if doc.get("status"):
+            client.set_terminated(run_id, doc["status"])
+        fs.rm_file(path)
+        sent += len(metrics)
+    return sent
+
+
+@contextlib.contextmanager
+def fail_fast_http(timeout_s: float = 10.0) -> Iterator[None]:
+    """MLflow's HTTP client with no retries and a ``timeout_s`` timeout in this block: its defaults (7 retries with
+    exponential back-off, 120 s timeouts) take minutes to report a server that is simply not there."""
+    settings = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": str(int(max(timeout_s, 1)))}
+    saved = {key: os.environ.get(key) for key in settings}
+    os.environ.update(settings)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 def last_logged_steps(client: MlflowClient, run_id: str) -> dict[str, int]:
