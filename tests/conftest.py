@@ -134,11 +134,14 @@ def mlflow_server(root: Path, port: int | None = None):
             time.sleep(0.5)
         yield uri
     finally:
+        # SIGTERM, then SIGKILL after 3 s: uvicorn's graceful shutdown waits for clients' keep-alive connections,
+        # which would keep a "stopped" server answering for as long as a trial keeps flushing.
         with contextlib.suppress(ProcessLookupError):
             os.killpg(server.pid, 15)
         try:
-            server.wait(timeout=20)
+            server.wait(timeout=3)
         except subprocess.TimeoutExpired:
-            os.killpg(server.pid, 9)
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(server.pid, 9)
             server.wait()
         log.close()

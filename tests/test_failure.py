@@ -27,41 +27,34 @@ def truncated(tmp_path: Path, digits16: Path) -> tuple[Path, Path]:
     return data, shard
 
 
-def _run(tmp_path: Path, data: Path, name: str, fewshot_data: Path, **data_options):
-    study = study_dict(name, data, train={"steps": 20, "eval_every": 10, "checkpoint_every": 10},
+def test_corrupt_shard_fails_the_trial_naming_it_and_skip_counts_it(tmp_path: Path, truncated: tuple[Path, Path],
+                                                                     digits16: Path) -> None:
+    """One study, two trials on the same truncated shard: on_error raise fails (twice: 1 + max_failures attempts),
+    on_error skip finishes."""
+    data, shard = truncated
+    study = study_dict("broken", data, train={"steps": 20, "eval_every": 10, "checkpoint_every": 10},
+                       grid={"data.on_error": ["raise", "skip"]},
                        resources={"workers_per_trial": 2, "max_failures": 1})
-    study["base"]["data"].update(data_options)
     # data.on_error covers the upstream streams; evaluation sets must be whole (a skipped sample would change them)
-    study["base"]["fewshot"].update({"train": str(fewshot_data / "train"), "test": str(fewshot_data / "test")})
-    path = write_study(tmp_path / f"{name}.yaml", study)
+    study["base"]["fewshot"].update({"train": str(digits16 / "train"), "test": str(digits16 / "test")})
+    path = write_study(tmp_path / "broken.yaml", study)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     started = time.monotonic()
     result = run_cli(["run", str(path), "--tracking-uri", uri, "--storage", str(tmp_path / "runs")],
                      cli_env(tmp_path), timeout=600)
-    client = MlflowClient(uri)
-    exp = client.get_experiment_by_name(name)
-    runs = {r.data.tags["mixer.role"]: r for r in client.search_runs([exp.experiment_id])}
-    return result, runs, time.monotonic() - started
-
-
-def test_corrupt_shard_fails_the_trial_naming_it(tmp_path: Path, truncated: tuple[Path, Path],
-                                                 digits16: Path) -> None:
-    data, shard = truncated
-    result, runs, elapsed = _run(tmp_path, data, "broken", digits16)
+    elapsed = time.monotonic() - started
     assert result.returncode == 1, result.stdout[-3000:] + result.stderr[-3000:]
-    failed_line = next(line for line in result.stdout.splitlines() if "FAILED base" in line)
+    failed_line = next(line for line in result.stdout.splitlines() if "FAILED on_error=raise" in line)
     assert f"DataError: shard {shard}" in failed_line and "fewer than the 25" in failed_line, failed_line
-    assert "failed: base" in result.stdout
-    assert elapsed < 240, f"{elapsed:.0f} s for two failing attempts: a rank waited on the failed one"
-    assert runs["trial"].info.status == "FAILED"
-    assert runs["trial"].data.tags["mixer.attempts"] == "2"  # Tune's retry only; Ray Train's own retry is off
+    assert "1/2 trials finished; failed: on_error=raise" in result.stdout
+    assert elapsed < 300, f"{elapsed:.0f} s: a rank waited on the failed one"
+
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name("broken")
+    runs = {r.data.tags.get("mixer.trial", "study"): r for r in client.search_runs([exp.experiment_id])}
+    raised, skipped = runs["on_error=raise"], runs["on_error=skip"]
+    assert raised.info.status == "FAILED"
+    assert raised.data.tags["mixer.attempts"] == "2"  # Tune's retry only; Ray Train's own retry is off
     assert runs["study"].info.status == "FAILED"
-
-
-def test_skip_policy_finishes_and_counts(tmp_path: Path, truncated: tuple[Path, Path], digits16: Path) -> None:
-    data, _shard = truncated
-    result, runs, _ = _run(tmp_path, data, "skipping", digits16, on_error="skip")
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    metrics = runs["trial"].data.metrics
-    assert runs["trial"].info.status == "FINISHED"
-    assert metrics["data/skipped_samples"] > 0 and metrics["data/corrupt_shards"] >= 1
+    assert skipped.info.status == "FINISHED"
+    assert skipped.data.metrics["data/skipped_samples"] > 0 and skipped.data.metrics["data/corrupt_shards"] >= 1

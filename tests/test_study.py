@@ -123,7 +123,8 @@ def test_resume_finishes_only_the_rest_from_checkpoints(study: dict) -> None:
     assert steps == list(range(10, 61, 10))
     for trial in client.search_runs([exp.experiment_id], "tags.`mixer.role` = 'trial'"):
         assert duplicated_points(client, trial.info.run_id) == {}, trial.data.tags["mixer.trial"]
-    assert run.data.tags["mixer.attempts"] == "2"  # resumed once, from a registered checkpoint, not the partial one
+    if study["killed"] not in study["finished_before"]:  # (it may have finished between the poll and the kill)
+        assert run.data.tags["mixer.attempts"] == "2"  # resumed once, from a registered checkpoint, not the partial
     if study["partial"] is not None:  # overwritten by the resumed run's own step 60: a loadable checkpoint now
         assert "Nano" in load_model(study["partial"]).variant.name
 
