@@ -86,6 +86,17 @@ def stop_processes_mentioning(marker: str, timeout: float = 20) -> None:
             process.kill()
 
 
+def cmdline(process) -> str:
+    """A psutil process's command line as one string ('' once it is gone); Ray's workers show their role here
+    (``ray::RayTrainWorker``)."""
+    import psutil
+
+    try:
+        return " ".join(process.cmdline())
+    except psutil.Error:
+        return ""
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that nothing listens on right now."""
     with socket.socket() as s:

@@ -71,19 +71,20 @@ def test_truncated_shard(clean: Path, tmp_path: Path) -> None:
     assert 0 < skipped < 25 and count == total - skipped  # the rest of the shard, nothing else
 
 
-def test_undecodable_image(clean: Path, tmp_path: Path) -> None:
-    split, shard = _copy(clean, tmp_path)
-    key = _rewrite(shard, lambda name, data: b"not an image" if name.endswith(".png") else data)
-    with pytest.raises(DataError, match=rf"shard {shard}: sample {key}: undecodable image"):
-        _read_all(split, verify_checksums=False)
-    count, dataset = _read_all(split, on_error="skip", verify_checksums=False)
-    assert dataset.problem_counts() == (1, 0) and count == load_manifest(str(split)).num_samples - 1
+BAD_SAMPLES = {
+    # one sample's image bytes replaced, or its label entry dropped: (change of a tar member, the error after the key)
+    "undecodable image": (lambda name, data: b"not an image" if name.endswith(".png") else data,
+                          ": undecodable image"),
+    "missing label": (lambda name, data: None if name.endswith(".cls") else data, " lacks an image .* or a label"),
+}
 
 
-def test_missing_label(clean: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("case", BAD_SAMPLES)
+def test_bad_sample(clean: Path, tmp_path: Path, case: str) -> None:
+    change, message = BAD_SAMPLES[case]
     split, shard = _copy(clean, tmp_path)
-    key = _rewrite(shard, lambda name, data: None if name.endswith(".cls") else data)
-    with pytest.raises(DataError, match=rf"shard {shard}: sample {key} lacks an image .* or a label"):
+    key = _rewrite(shard, change)
+    with pytest.raises(DataError, match=rf"shard {shard}: sample {key}{message}"):
         _read_all(split, verify_checksums=False)
     count, dataset = _read_all(split, on_error="skip", verify_checksums=False)
     assert dataset.problem_counts() == (1, 0) and count == load_manifest(str(split)).num_samples - 1

@@ -12,7 +12,7 @@ from pathlib import Path
 import psutil
 from mlflow.tracking import MlflowClient
 
-from tests.conftest import CLI, REPO, cli_env, free_port, mlflow_server, run_cli, study_dict, write_study
+from tests.conftest import CLI, REPO, cli_env, cmdline, free_port, mlflow_server, run_cli, study_dict, write_study
 
 PASSWORD, TOKEN = "pw-d41d8cd98f", "tok-9e107d9d372bb"
 
@@ -60,18 +60,11 @@ def _train_workers(ray_tmp: Path) -> list[psutil.Process]:
     workers = []
     for process in psutil.process_iter():
         try:
-            if "RayTrainWorker" in _cmdline(process) and process.environ().get("RAY_TMPDIR") == str(ray_tmp):
+            if "RayTrainWorker" in cmdline(process) and process.environ().get("RAY_TMPDIR") == str(ray_tmp):
                 workers.append(process)
         except psutil.Error:
             continue
     return workers
-
-
-def _cmdline(process: psutil.Process) -> str:
-    try:
-        return " ".join(process.cmdline())
-    except psutil.Error:
-        return ""
 
 
 def test_tracking_outage_mid_study_is_spooled_and_synced_and_secrets_stay_secret(tmp_path: Path,
