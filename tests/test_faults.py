@@ -12,11 +12,14 @@ import time
 from pathlib import Path
 
 import psutil
+import pytest
 from mlflow.tracking import MlflowClient
 
 from tests.conftest import CLI, REPO, cli_env, duplicated_points, study_dict, write_study
 
 STEPS, LOG_EVERY, EVAL_EVERY, CHECKPOINT_EVERY = 300, 5, 10, 50
+
+pytestmark = pytest.mark.slow  # `make test-slow` (in CI): minutes of cluster time each
 
 
 def _train_workers(driver_pid: int) -> list[psutil.Process]:

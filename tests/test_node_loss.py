@@ -13,12 +13,15 @@ import time
 from pathlib import Path
 
 import psutil
+import pytest
 from mlflow.tracking import MlflowClient
 
 from tests.conftest import CLI, REPO, duplicated_points, free_port, stop_processes_mentioning, study_dict, write_study
 
 RAY = str(Path(sys.executable).with_name("ray"))
 STEPS, LOG_EVERY, CHECKPOINT_EVERY = 400, 5, 100
+
+pytestmark = pytest.mark.slow  # `make test-slow` (in CI): minutes of cluster time each
 
 
 def _start_node(env: dict, head: str, manager_port: int) -> None:

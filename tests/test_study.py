@@ -50,6 +50,14 @@ def study(tmp_path_factory, digits16: Path) -> dict:
     log = open(tmp / "run.log", "w")
     driver = subprocess.Popen(CLI + ["run", str(path), "--tracking-uri", uri, "--storage", str(storage)],
                               env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    # A second driver on the running study is refused (the study's lock), for both verbs that drive it. Asked as
+    # soon as the first holds the lock: 4 trials still to train, so it is certainly running meanwhile.
+    deadline = time.monotonic() + 300
+    while not (storage / NAME / "driver.lock").exists():
+        assert driver.poll() is None and time.monotonic() < deadline, (tmp / "run.log").read_text()[-3000:]
+        time.sleep(0.2)
+    second = [run_cli(["run", str(path), "--tracking-uri", uri, "--storage", str(storage)], env, timeout=120),
+              run_cli(["resume", NAME, "--storage", str(storage)], env, timeout=120)]
     killed_trial, deadline = None, time.monotonic() + 900
     while time.monotonic() < deadline and driver.poll() is None:
         finished = _finished_trials(uri)
@@ -59,9 +67,6 @@ def study(tmp_path_factory, digits16: Path) -> dict:
         time.sleep(1)
     log_tail = (tmp / "run.log").read_text()[-3000:]
     assert killed_trial, f"no trial checkpointed in time; driver exit {driver.poll()}: {log_tail}"
-    # A second driver on the running study is refused (the study's lock), for both verbs that drive it.
-    second = [run_cli(["run", str(path), "--tracking-uri", uri, "--storage", str(storage)], env, timeout=120),
-              run_cli(["resume", NAME, "--storage", str(storage)], env, timeout=120)]
     os.killpg(driver.pid, signal.SIGKILL)  # the driver and the embedded Ray it started
     driver.wait()
     finished_before = _finished_trials(uri)

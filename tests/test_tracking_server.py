@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import psutil
+import pytest
 from mlflow.tracking import MlflowClient
 
 from tests.conftest import CLI, REPO, cli_env, cmdline, free_port, mlflow_server, run_cli, study_dict, write_study
@@ -67,6 +68,7 @@ def _train_workers(ray_tmp: Path) -> list[psutil.Process]:
     return workers
 
 
+@pytest.mark.slow  # `make test-slow` (in CI): about 3.5 minutes of servers and studies
 def test_tracking_outage_mid_study_is_spooled_and_synced_and_secrets_stay_secret(tmp_path: Path,
                                                                                    digits16: Path) -> None:
     """The server stops right after a trial's first checkpoint.
