@@ -31,7 +31,7 @@ from pipeline.progress import StudyProgress
 from pipeline.spec import StudyError, StudySpec, parse_study
 from pipeline.tracking import connect_tracking, experiment_id, redact_url, resolve_tracking_uri, study_run
 from pipeline.trial import make_job, run_trial
-from workers.track import fail_fast_http, replay_spool, write_spool
+from workers.track import fail_fast_http, replay_spool, spool_files, write_spool
 
 DEFAULT_STORAGE = "runs"
 # The trial driver needs no CPU: Ray rejects an all-zero request ("empty head"), so ask for a token of memory.
@@ -291,8 +291,8 @@ def sync_study(name: str, *, storage: str | None = None, write: Callable[[str], 
     study_dir = _join(resolve_storage(storage), name)
     tracking_uri = connect_tracking(spec.tracking.uri)
     with StudyLock(study_dir):
-        folders = spool_folders(study_dir)
+        records = sum(len(spool_files(folder)) for folder in spool_folders(study_dir))
         sent = sync_spools(mlflow.tracking.MlflowClient(tracking_uri), study_dir)
-    write(f"study {name}: {sent} metric points sent to {tracking_uri} from {len(folders)} spool folder(s)"
-          if folders else f"study {name}: nothing spooled, MLflow {tracking_uri} has everything")
+    write(f"study {name}: {sent} metric points sent to {tracking_uri} from {records} spooled record(s)"
+          if records else f"study {name}: nothing spooled, MLflow {tracking_uri} has everything")
     return sent
