@@ -61,7 +61,7 @@ class RunLogger:
     def __init__(self, tracking_uri: str, run_id: str, system_metrics: bool = False, sampling_interval: float = 10.0,
                  samples_before_logging: int = 1, spool: str | None = None) -> None:
         if spool:  # the spool is the retry: MLflow's back-off (7 retries, minutes) would stall training per flush
-            os.environ.update({"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"})
+            os.environ.update(_fail_fast_settings(10.0))
         self._client = MlflowClient(tracking_uri)
         self._run_id, self._spool = run_id, spool
         self._pending: list[Metric] = []
@@ -203,11 +203,16 @@ def replay_spool(client: MlflowClient, spool: str) -> int:
     return sent
 
 
+def _fail_fast_settings(timeout_s: float) -> dict[str, str]:
+    """MLflow's environment variables for an HTTP client without retries and with a ``timeout_s`` timeout."""
+    return {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": str(int(max(timeout_s, 1)))}
+
+
 @contextlib.contextmanager
 def fail_fast_http(timeout_s: float = 10.0) -> Iterator[None]:
     """MLflow's HTTP client with no retries and a ``timeout_s`` timeout in this block: its defaults (7 retries with
     exponential back-off, 120 s timeouts) take minutes to report a server that is simply not there."""
-    settings = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": str(int(max(timeout_s, 1)))}
+    settings = _fail_fast_settings(timeout_s)
     saved = {key: os.environ.get(key) for key in settings}
     os.environ.update(settings)
     try:
