@@ -208,9 +208,12 @@ def run_trial(job_dict: dict[str, Any], in_tune: bool = False) -> dict[str, floa
         run_log.close(RunStatus.to_string(RunStatus.FINISHED if ok else RunStatus.FAILED))
 
 
+SPOOL = "mlflow-spool"  # folder name of the MLflow records that wait for the store (workers.track)
+
+
 def spool_url(trial_storage: str, name: str) -> str:
     """Where trial ``name``'s MLflow records wait while the store is down: inside its Ray Train run folder."""
-    return f"{trial_storage.rstrip('/')}/{name}/mlflow-spool"
+    return f"{trial_storage.rstrip('/')}/{name}/{SPOOL}"
 
 
 def _run_metrics(client: mlflow.tracking.MlflowClient, run_id: str) -> dict[str, float] | None:

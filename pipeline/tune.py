@@ -30,7 +30,7 @@ from pipeline.plan import TrialPlan, plan_study
 from pipeline.progress import StudyProgress
 from pipeline.spec import StudyError, StudySpec, parse_study
 from pipeline.tracking import connect_tracking, experiment_id, redact_url, resolve_tracking_uri, study_run
-from pipeline.trial import make_job, run_trial
+from pipeline.trial import SPOOL, make_job, run_trial
 from workers.track import fail_fast_http, replay_spool, spool_files, write_spool
 
 DEFAULT_STORAGE = "runs"
@@ -264,9 +264,6 @@ def _finish(results: tune.ResultGrid, client, parent_run_id: str, study_dir: str
     failures = f"; failed: {', '.join(failed)}" if failed else ""
     write(f"{len(rows) - len(failed)}/{len(rows)} trials finished{failures}")
     return rows
-
-
-SPOOL = "mlflow-spool"  # folder name of the MLflow records that wait for the store (workers.track)
 
 
 def spool_folders(study_dir: str) -> list[str]:
