@@ -130,10 +130,13 @@ def mlflow_server(root: Path, port: int | None = None):
     server = subprocess.Popen(
         [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
          "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}", "--artifacts-destination", str(root / "artifacts")],
-        stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        # MLflow 3's server also starts a job runner and 7 huey consumers (GenAI jobs) that no study uses: off, as
+        # they made its start take minutes on a loaded 2-core machine.
+        env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})
     uri = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + 300  # minutes when the machine is loaded
         while True:
             try:
                 with urllib.request.urlopen(f"{uri}/health", timeout=2) as response:
@@ -156,3 +159,60 @@ def mlflow_server(root: Path, port: int | None = None):
                 os.killpg(server.pid, 9)
             server.wait()
         log.close()
+
+
+S3_TEST_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                       "AWS_DEFAULT_REGION": "us-east-1"}
+
+
+@contextlib.contextmanager
+def moto_server():
+    """A real local S3 API (`python -m moto.server`) on 127.0.0.1; yields its endpoint URL and stops the server
+    afterwards. Clients reach it with S3_TEST_CREDENTIALS and the endpoint: in a fresh process's environment
+    ``AWS_ENDPOINT_URL`` (botocore, so s3fs; pyarrow, so Ray's storage) and ``FSSPEC_S3_ENDPOINT_URL`` (fsspec)."""
+    import time
+    import urllib.request
+
+    pytest.importorskip("moto.server")
+    port = free_port()
+    endpoint = f"http://127.0.0.1:{port}"
+    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                urllib.request.urlopen(endpoint, timeout=1).close()
+                break
+            except OSError:
+                if server.poll() is not None or time.monotonic() > deadline:
+                    pytest.fail(f"moto server did not start on {endpoint}")
+                time.sleep(0.2)
+        yield endpoint
+    finally:
+        server.terminate()
+        try:
+            server.wait(10)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
+
+
+@pytest.fixture(scope="module")
+def s3_endpoint():
+    """A moto server that this test process's fsspec reaches as s3:// (bucket ``shards`` created)."""
+    import fsspec
+
+    s3fs = pytest.importorskip("s3fs")
+    with moto_server() as endpoint, pytest.MonkeyPatch.context() as mp:
+        for var, value in S3_TEST_CREDENTIALS.items():
+            mp.setenv(var, value)
+        mp.delenv("AWS_PROFILE", raising=False)
+        # what FSSPEC_S3_ENDPOINT_URL does when set before fsspec is imported
+        mp.setitem(fsspec.config.conf, "s3", {"endpoint_url": endpoint})
+        s3fs.S3FileSystem.clear_instance_cache()
+        try:
+            fsspec.filesystem("s3").mkdir("shards")
+            yield endpoint
+        finally:
+            s3fs.S3FileSystem.clear_instance_cache()

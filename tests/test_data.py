@@ -12,8 +12,6 @@ import shutil
 import subprocess
 import sys
 import tarfile
-import time
-import urllib.request
 from collections import Counter
 from pathlib import Path
 
@@ -23,7 +21,6 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.conftest import free_port
 from workers import shard_writer
 from workers.config import AugmentConfig
 from workers.fractions import fraction_slices, subset_size
@@ -447,46 +444,6 @@ def test_bad_input(tmp_path, digits):
 # ---------------------------------------------------------------------------------------------------------------
 # s3:// against a local moto server
 
-
-
-@pytest.fixture(scope="module")
-def s3_endpoint():
-    pytest.importorskip("moto.server")
-    s3fs = pytest.importorskip("s3fs")
-    port = free_port()
-    endpoint = f"http://127.0.0.1:{port}"
-    server = subprocess.Popen(
-        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
-    with pytest.MonkeyPatch.context() as mp:
-        try:
-            deadline = time.monotonic() + 30
-            while True:
-                try:
-                    urllib.request.urlopen(endpoint, timeout=1).close()
-                    break
-                except OSError:
-                    if server.poll() is not None or time.monotonic() > deadline:
-                        pytest.fail(f"moto server did not start on {endpoint}")
-                    time.sleep(0.2)
-            for var, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-                               "AWS_DEFAULT_REGION": "us-east-1"}.items():
-                mp.setenv(var, value)
-            mp.delenv("AWS_PROFILE", raising=False)
-            # what FSSPEC_S3_ENDPOINT_URL does when set before fsspec is imported
-            mp.setitem(fsspec.config.conf, "s3", {"endpoint_url": endpoint})
-            s3fs.S3FileSystem.clear_instance_cache()
-            fsspec.filesystem("s3").mkdir("shards")
-            yield endpoint
-        finally:
-            s3fs.S3FileSystem.clear_instance_cache()
-            server.terminate()
-            try:
-                server.wait(10)
-            except subprocess.TimeoutExpired:
-                server.kill()
-                server.wait()
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,6 @@ import webdataset as wds
 from PIL import Image
 
 from tests.conftest import cli_env, run_cli
-from tests.test_data import s3_endpoint  # noqa: F401  (the moto server fixture, used by name below)
 from workers.fractions import class_counts, fraction_slices, subset_size
 from workers.manifest import load_manifest, verify_manifest
 from workers.shard_reader import ShardDataset, iter_samples
