@@ -118,6 +118,13 @@ def test_files_and_environment(tmp_path: Path, digits16: Path, capsys, no_ray, m
         assert code == 2, case
         _assert_clear(code, err, elapsed, expected)
 
+    # On a cluster, credentials in the tracking URI cannot reach the trials without being written in clear: refused.
+    code, err, elapsed = _run(tmp_path, good, capsys, ["--address", "127.0.0.1:1",
+                                                       "--tracking-uri", "http://alice:s3cret@127.0.0.1:1"])
+    _assert_clear(code, err, elapsed, ["tracking URI http://127.0.0.1:1 holds credentials",
+                                       "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD", "runtime-env-json"])
+    assert "s3cret" not in err and "alice" not in err
+
     with pytest.raises(SystemExit) as exit_info:
         cli.main(["run", str(tmp_path / "no-such-study.yaml")])
     _assert_clear(exit_info.value.code, capsys.readouterr().err, 0, ["no-such-study.yaml", "does not exist"])
