@@ -33,7 +33,7 @@ test: setup
 	$(BIN)/python -m pytest
 
 test-slow: setup
-	$(BIN)/python -m pytest -m slow
+	$(BIN)/python -m pytest -m slow -rP  # -rP: what passing tests printed (the load test's figures)
 
 bench: setup
 	$(BIN)/mixer-study bench
