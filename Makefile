@@ -26,8 +26,9 @@ demo: setup $(DATA)/train/manifest.json
 	$(BIN)/mixer-study run studies/demo.yaml
 	$(BIN)/mixer-study report demo --out results/demo
 
-# test: lint + every test but the fault-injection studies (under 15 minutes on 2 cores). test-slow: those studies
-# (node loss, worker kill, tracking outage; about 8 minutes). CI (.ci/run) runs both.
+# test: lint + every test but the fault-injection and load studies (under 15 minutes on 2 cores). test-slow: those
+# studies (node and job loss, worker kill, tracking outage, 40 short trials, a shipped study; about 40 minutes).
+# CI (.ci/run) runs both.
 test: setup
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest
