@@ -1,0 +1,62 @@
+"""A study file users run, end to end: `studies/model_scale.yaml` (Mixer, ViT and BiT CPU variants, linear few-shot
+and the fine-tuning stage with its learning-rate sweep), then `mixer-study report`.
+
+The file is taken as shipped (grid, recipe, fine-tuning, resources) with two changes so it runs in minutes: the
+data point at this test's 16 px digits shards instead of `data/digits-32`, and the step counts are cut (the
+recipe's other fields, the grid and the lr sweep are kept). Every shipped study file also validates and plans here
+without changes to its recipe.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+
+from analysis.results import load_study
+from tests.conftest import REPO, cli_env, run_cli, write_study
+
+pytestmark = pytest.mark.slow  # `make test-slow`: 8 trials with fine-tuning, minutes on 2 cores
+
+STUDY = REPO / "studies" / "model_scale.yaml"
+
+
+def _pointed_at(study: dict, shards: Path) -> dict:
+    """``study`` with every `data/digits-32/<split>` URL replaced by the same split of ``shards``."""
+    text = yaml.safe_dump(study, sort_keys=False).replace("data/digits-32", str(shards))
+    return yaml.safe_load(text)
+
+
+def test_model_scale_study_runs_and_reports(tmp_path: Path, digits16: Path) -> None:
+    shipped = yaml.safe_load(STUDY.read_text())
+    study = _pointed_at(shipped, digits16)
+    base = study["base"]
+    base["train"].update(steps=20, eval_every=10, checkpoint_every=20)
+    base["optim"]["warmup_steps"] = 5
+    base["finetune"].update(steps=10, warmup_steps=2)
+    assert study["grid"] == shipped["grid"] and base["finetune"]["lr"] == shipped["base"]["finetune"]["lr"]
+    path = write_study(tmp_path / "model_scale.yaml", study)
+    uri, env = f"sqlite:///{tmp_path / 'mlflow.db'}", cli_env(tmp_path)
+
+    ran = run_cli(["run", str(path), "--tracking-uri", uri, "--storage", str(tmp_path / "runs")], env, timeout=1800)
+    assert ran.returncode == 0, ran.stdout[-3000:] + ran.stderr[-3000:]
+    variants = shipped["grid"]["model.variant"]
+    assert f"{len(variants)}/{len(variants)} trials finished" in ran.stdout
+
+    out = tmp_path / "report"
+    report = run_cli(["report", shipped["name"], "--tracking-uri", uri, "--out", str(out)], env, timeout=600)
+    assert report.returncode == 0, report.stderr[-3000:]
+    df = load_study(uri, shipped["name"])
+    assert sorted(df["variant"]) == sorted(variants)
+    assert df["finetune_top1"].between(0, 1).all() and df["fewshot_5shot"].between(0, 1).all()
+    assert set(df["family"]) == {"Mixer", "ViT", "BiT"}
+    # Fig. 3 and Table 3 compare families by fine-tuned top-1 when the study has it, and say so.
+    assert "fine-tuned top-1" in (out / "table3.md").read_text()
+    for stem in ("fig3_finetune_top1", "fig2_left_finetune_top1_vs_train_flops"):
+        assert (out / f"{stem}.png").stat().st_size > 1000, sorted(p.name for p in out.iterdir())
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name(shipped["name"])
+    runs = client.search_runs([exp.experiment_id], "tags.`mixer.role` = 'trial'")
+    assert len(runs) == len(variants) and {r.info.status for r in runs} == {"FINISHED"}
