@@ -17,6 +17,8 @@ from mlflow.tracking import MlflowClient
 
 from tests.conftest import cli_env, run_cli, study_dict, write_study
 
+pytestmark = pytest.mark.slow  # `make test-slow`: a fault-injection study of minutes (two attempts, then a rerun)
+
 
 @pytest.fixture
 def truncated(tmp_path: Path, digits16: Path) -> tuple[Path, Path]:
