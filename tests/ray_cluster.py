@@ -66,6 +66,16 @@ class RayCluster:
         psutil.wait_procs(doomed, timeout=30)
         return killed
 
+    def processes(self) -> list[psutil.Process]:
+        """The head's processes: those whose command line names the temp dir (raylet, GCS, dashboard) and all their
+        descendants (Ray's workers rename themselves `ray::...`, so they no longer mention it)."""
+        roots = [p for p in psutil.process_iter() if str(self.temp_dir) in cmdline(p)]
+        found = {p.pid: p for p in roots}
+        for root in roots:
+            with contextlib.suppress(psutil.Error):
+                found.update((child.pid, child) for child in root.children(recursive=True))
+        return list(found.values())
+
     def ray(self, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
         """`ray ARGS` in the cluster's environment (e.g. `ray job submit ...`)."""
         return subprocess.run([RAY, *args], env=self.env, capture_output=True, text=True, timeout=timeout)

@@ -19,7 +19,7 @@ from tests.conftest import CLI, REPO, cli_env, duplicated_points, study_dict, wr
 
 STEPS, LOG_EVERY, EVAL_EVERY, CHECKPOINT_EVERY = 300, 5, 10, 50
 
-pytestmark = pytest.mark.slow  # `make test-slow` (in CI): minutes of cluster time each
+pytestmark = pytest.mark.slow  # `make test-slow` (in CI): a study of minutes on an embedded Ray
 
 
 def _train_workers(driver_pid: int) -> list[psutil.Process]:

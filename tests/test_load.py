@@ -44,7 +44,7 @@ def test_forty_short_trials_leave_nothing_behind(tmp_path: Path, digits16: Path)
            "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
     with ray_cluster(env) as cluster:
         cluster.start_head(2, job_server=True)  # the job server is also the state API `ray list` asks
-        baseline = {p.pid for p in _cluster_processes(cluster)}
+        baseline = {p.pid for p in cluster.processes()}
         tmp_before = set(own_tmp.iterdir())  # the cluster's own (its dashboard's multiprocessing listener)
         study = study_dict("load", digits16, train={"steps": 4, "eval_every": 2, "checkpoint_every": 4,
                                                     "log_every": 2},
@@ -81,7 +81,7 @@ def test_forty_short_trials_leave_nothing_behind(tmp_path: Path, digits16: Path)
         assert groups == [], groups
         # Every process of the cluster now: its daemons (there before the study), Ray's pool of idle workers
         # (`ray::IDLE`, kept for reuse) and the singletons' actors; anything else, such as a trial's actor, is a leak.
-        leaked = [cmdline(p)[:200] for p in _cluster_processes(cluster) if p.pid not in baseline
+        leaked = [cmdline(p)[:200] for p in cluster.processes() if p.pid not in baseline
                   and not _is_idle_worker_or_singleton(p)]
         assert leaked == [], leaked
         # Nothing the study made stays, but torch's per-user inductor cache folder (made once, empty here).
@@ -90,21 +90,8 @@ def test_forty_short_trials_leave_nothing_behind(tmp_path: Path, digits16: Path)
         assert left == [], left
         print(f"\n{TRIALS} trials in {elapsed:.0f} s ({elapsed / TRIALS:.1f} s per trial); peak RSS MiB: "
               + ", ".join(f"{k} {v / 2**20:.0f}" for k, v in sorted(peaks.items()))
-              + f"; cluster processes before {len(baseline)}, after {len(_cluster_processes(cluster))}")
+              + f"; cluster processes before {len(baseline)}, after {len(cluster.processes())}")
         assert peaks["driver"] < 2 * 2**30 and peaks["worker"] < 2 * 2**30
-
-
-def _cluster_processes(cluster: RayCluster) -> list[psutil.Process]:
-    """The cluster's processes: those whose command line names its temp dir (raylet, GCS, dashboard) and all their
-    descendants (Ray's workers rename themselves `ray::...`, so they no longer mention it)."""
-    roots = [p for p in psutil.process_iter() if str(cluster.temp_dir) in cmdline(p)]
-    found = {p.pid: p for p in roots}
-    for root in roots:
-        try:
-            found.update((child.pid, child) for child in root.children(recursive=True))
-        except psutil.Error:
-            continue
-    return list(found.values())
 
 
 def _is_idle_worker_or_singleton(process: psutil.Process) -> bool:
@@ -122,7 +109,7 @@ def _sample_rss(driver: subprocess.Popen, cluster: RayCluster, peaks: dict[str, 
             peaks["driver"] = max(peaks.get("driver", 0), psutil.Process(driver.pid).memory_info().rss)
         except psutil.Error:
             return
-        for process in _cluster_processes(cluster):
+        for process in cluster.processes():
             try:
                 if cmdline(process).startswith("ray::"):
                     peaks["worker"] = max(peaks.get("worker", 0), process.memory_info().rss)
