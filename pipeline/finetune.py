@@ -1,5 +1,6 @@
 """A trial's fine-tuning stage: one ``TorchTrainer(workers.train.finetune_loop_per_worker)`` per learning rate of
-``finetune.lr``, each from the trial's best pre-training checkpoint, the best learning rate by top-1 kept.
+``finetune.lr``, each from the trial's best pre-training checkpoint, the learning rate with the best top-1 on the
+held-out ``finetune.val`` kept (the test split reports, never selects).
 
 Runs inside the trial driver (``pipeline.trial.run_trial``) after pre-training, on the same ``ScalingConfig`` (the
 workers the pre-training run held are free again by then), so it uses the trial's resources and nothing more.
@@ -10,8 +11,10 @@ retries are Tune's one layer (see ``pipeline.trial``).
 
 Metrics (returned; the caller logs them to the trial's MLflow run):
 
-* ``finetune/top1``: the best top-1 over the sweep (downstream test split) and ``finetune/best_lr``; each run's
-  own ``finetune/top1_lr<lr>`` (``<lr>`` formatted with ``:g``) is logged by its rank 0, not again here;
+* ``finetune/best_lr``: the learning rate with the best top-1 on the held-out ``finetune.val`` (:func:`select_lr`),
+  and its ``finetune/val_top1`` and ``finetune/top1`` (the downstream test split, which only reports); each run's
+  own ``finetune/top1_lr<lr>`` and ``finetune/val_top1_lr<lr>`` (``<lr>`` formatted with ``:g``) are logged by its
+  rank 0, not again here;
 * ``finetune/image_size``: the fine-tuning resolution; when ``finetune.image_size`` is set, the best top-1 is
   also logged as ``finetune/top1_<N>px`` (e.g. ``finetune/top1_384px``): the unsuffixed name stays the one the
   analysis reads, and the named copy keeps runs at different resolutions apart in the MLflow UI;
@@ -49,6 +52,18 @@ def lr_tag(lr: float) -> str:
 def finetune_run_name(trial_name: str, lr: float) -> str:
     """The Ray Train run name of one fine-tuning run (deterministic, so a restarted trial resumes it)."""
     return f"{trial_name}-finetune-{lr_tag(lr)}"
+
+
+def select_lr(metrics: dict[float, dict[str, Any]], order: tuple[float, ...]) -> float:
+    """The learning rate a sweep keeps: the best ``finetune/val_top1`` (the held-out ``finetune.val``), the first in
+    ``order`` (``finetune.lr``) on a tie. The test split never selects: a sweep without ``finetune.val`` is refused
+    by ``FinetuneConfig``, so a run without ``finetune/val_top1`` can only be a single learning rate."""
+    if len(metrics) == 1:
+        return next(iter(metrics))
+    missing = [f"{lr:g}" for lr, m in metrics.items() if "finetune/val_top1" not in m]
+    if missing:
+        raise RuntimeError(f"fine-tuning runs at lr {', '.join(missing)} reported no finetune/val_top1 to select by")
+    return max(metrics, key=lambda lr: (metrics[lr]["finetune/val_top1"], -order.index(lr)))
 
 
 def run_finetune(job: dict[str, Any], checkpoint: ray.train.Checkpoint, mlflow: dict[str, Any],
@@ -89,12 +104,12 @@ def run_finetune(job: dict[str, Any], checkpoint: ray.train.Checkpoint, mlflow: 
         log.info("%s: fine-tuned at lr %g: top-1 %.4f", job["name"], lr, result.metrics["finetune/top1"])
         results[lr] = result
 
-    # Best learning rate by top-1; the first in finetune.lr order wins a tie.
-    best_lr = max(results, key=lambda lr: (results[lr].metrics["finetune/top1"], -ft.lr.index(lr)))
+    best_lr = select_lr({lr: r.metrics for lr, r in results.items()}, ft.lr)
     best = results[best_lr]
     metrics: dict[str, float] = {
         "finetune/top1": best.metrics["finetune/top1"],
         "finetune/best_lr": best_lr,
+        **({"finetune/val_top1": best.metrics["finetune/val_top1"]} if ft.val else {}),
         "finetune/image_size": best.metrics["finetune/image_size"],
         **{key: sum(float(r.metrics[key]) for r in results.values()) for key in SUMMED},
     }

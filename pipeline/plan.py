@@ -101,6 +101,8 @@ def plan_study(spec: StudySpec) -> list[TrialPlan]:
         if config.finetune.enabled:
             _manifest(config.finetune.train)
             _manifest(config.finetune.test)
+            if config.finetune.val:
+                _manifest(config.finetune.val)
             _check_finetune_resolution(config, variant, image_size, trial_name(point))
         if config.data.permute != "none" and image_size % config.data.permute_patch:
             raise StudyError(

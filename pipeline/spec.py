@@ -22,7 +22,8 @@ from workers.config import TrialConfig
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
 # Fields that hold data URLs: relative local paths in a study file are resolved against the working directory,
 # so the trial processes (which run elsewhere) get absolute paths.
-URL_FIELDS = ("data.train", "data.val", "fewshot.train", "fewshot.test", "finetune.train", "finetune.test")
+URL_FIELDS = ("data.train", "data.val", "fewshot.train", "fewshot.test", "finetune.train", "finetune.test",
+              "finetune.val")
 
 
 class StudyError(ValueError):

@@ -103,6 +103,8 @@ def _dataset_inputs(trial: TrialConfig, train: Manifest) -> list[DataSplit]:
     if trial.finetune.enabled:
         splits += [split("finetune-train", load_manifest(trial.finetune.train), None),
                    split("finetune-test", load_manifest(trial.finetune.test), None)]
+        if trial.finetune.val:
+            splits.append(split("finetune-val", load_manifest(trial.finetune.val), None))
     return splits
 
 

@@ -11,6 +11,7 @@ import pytest
 import torch
 from torch import nn
 
+from pipeline.finetune import select_lr
 from workers.checkpoint import read_state, write_checkpoint
 from workers.config import TrialConfig
 from workers.finetune import FineTuner, cosine_multiplier
@@ -231,7 +232,7 @@ def pretrained(digits16: Path, tmp_path_factory) -> Path:
 
 
 def test_finetuner_fits_checkpoints_and_resumes(digits16: Path, pretrained: Path, tmp_path: Path) -> None:
-    trial = _trial(digits16)
+    trial = _trial(digits16, val=str(digits16 / "val"))
     tuner = FineTuner(pretrained, trial, 0.1)
     head = tuner.module.head
     assert tuner.image_size == 32 and tuner.module.num_tokens == 64 and tuner.num_classes == 10
@@ -253,6 +254,7 @@ def test_finetuner_fits_checkpoints_and_resumes(digits16: Path, pretrained: Path
     assert [(m["step"], ckpt) for m, ckpt in reports] == [(8, True), (16, True), (24, True), (32, True)]
     final = reports[-1][0]
     assert final["finetune/top1"] > 0.3  # chance is 0.1 on 10 classes
+    assert final["finetune/val_top1"] > 0.3 and "finetune/val_top1" not in reports[-2][0]  # finetune.val, at the end
     assert math.isfinite(final["finetune/loss"]) and final["finetune/loss"] < reports[0][0]["finetune/loss"]
     flops = forward_flops(tuner.module.variant, 32, 10)  # the K²·D_S token-mixing width at 32 px
     assert final["compute/finetune_flops"] == 3 * flops * 32 * 32 and final["finetune/image_size"] == 32
@@ -308,3 +310,15 @@ def test_finetuner_takes_the_other_families(digits16: Path, tmp_path: Path, vari
 
 # The stage on Ray (one TorchTrainer per learning rate, inside a real trial) is tested end to end through
 # `mixer-study train` in tests/test_trial.py.
+
+
+def test_a_sweep_keeps_the_best_lr_on_the_held_out_split_not_on_test() -> None:
+    """The test split reports, it never selects (big_vision's transfer configs select on minival = train[99%:])."""
+    runs = {0.003: {"finetune/top1": 0.95, "finetune/val_top1": 0.50},   # the best test top-1: not kept
+            0.01: {"finetune/top1": 0.70, "finetune/val_top1": 0.80},
+            0.03: {"finetune/top1": 0.90, "finetune/val_top1": 0.80}}
+    assert select_lr(runs, (0.003, 0.01, 0.03)) == 0.01  # best val; of equal ones the first in finetune.lr
+    assert select_lr(runs, (0.03, 0.01, 0.003)) == 0.03
+    assert select_lr({0.1: {"finetune/top1": 0.5}}, (0.1,)) == 0.1  # one lr: nothing to select
+    with pytest.raises(RuntimeError, match="lr 0.01 reported no finetune/val_top1"):
+        select_lr({0.003: runs[0.003], 0.01: {"finetune/top1": 0.7}}, (0.003, 0.01))

@@ -47,6 +47,9 @@ def test_shipped_studies_validate(path: Path) -> None:
         ({"grid": {"data.augment.crop": ["inception"]}}, "pad: 1 only applies to crop: pad"),
         ({"grid": {"data.augment.randaug": [[2, 99]]}}, "randaug must be [num_layers >= 1, magnitude in 0..30]"),
         ({"optim": {"warmup_steps": 60}}, "optim.warmup_steps (60) must be below train.steps (60)"),
+        ({"finetune": {"train": "x/train", "test": "x/test", "lr": [0.01, 0.03], "warmup_steps": 1}},
+         "finetune.lr sweeps 2 values [0.01, 0.03]: give finetune.val"),  # the test split must not select
+        ({"finetune": {"val": "x/val"}}, "finetune.val is given without finetune.train"),
     ],
 )
 def test_bad_fields_name_the_field(tmp_path: Path, change: dict, expected: str) -> None:

@@ -22,8 +22,8 @@ def test_two_worker_trial_learns_and_logs(tmp_path: Path, digits16: Path) -> Non
         "one", digits16, model={"variant": "Micro-4"},
         train={"steps": STEPS, "batch_size": 32, "eval_every": 50, "checkpoint_every": 50, "log_every": 10},
         # The paper's fine-tuning stage: a 2-lr sweep at twice the resolution (Mixer: block-diagonal token mixing).
-        finetune={"train": str(digits16 / "train"), "test": str(digits16 / "test"), "steps": 8, "batch_size": 16,
-                  "lr": [0.01, 0.1], "warmup_steps": 2, "image_size": 32},
+        finetune={"train": str(digits16 / "train"), "test": str(digits16 / "test"), "val": str(digits16 / "val"),
+                  "steps": 8, "batch_size": 16, "lr": [0.01, 0.1], "warmup_steps": 2, "image_size": 32},
     ))
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     result = run_cli(["train", "--config", str(study), "--tracking-uri", uri, "--storage", str(tmp_path / "runs")],
@@ -71,17 +71,20 @@ def test_two_worker_trial_learns_and_logs(tmp_path: Path, digits16: Path) -> Non
     assert run.data.tags["mixer.role"] == "train" and run.data.tags["mixer.attempts"] == "1"
     assert load_study(uri, "one").empty
     contexts = [t.value for i in run.inputs.dataset_inputs for t in i.tags if t.key == "mlflow.data.context"]
-    assert sorted(contexts) == ["fewshot-test", "fewshot-train", "finetune-test", "finetune-train", "train",
-                                "val"]  # one input per split
+    assert sorted(contexts) == ["fewshot-test", "fewshot-train", "finetune-test", "finetune-train", "finetune-val",
+                                "train", "val"]  # one input per split
     for key in ("val/acc", "val/loss", "train/loss", "best/val_acc", "finetune/top1_lr0.01"):  # every point once
         steps = [m.step for m in client.get_metric_history(run.info.run_id, key)]
         assert len(steps) == len(set(steps)), (key, steps)
     assert 0 < metrics["perf/mfu"] <= 1.5 and metrics["compute/train_seconds"] < metrics["compute/wall_seconds"]
 
-    # Fine-tuning: one Ray Train run per lr, the best kept; its compute is accounted separately.
+    # Fine-tuning: one Ray Train run per lr, the best on the held-out finetune.val kept (never chosen by test
+    # top-1); the kept run's test top-1 is finetune/top1. Its compute is accounted separately.
+    vals = {lr: metrics[f"finetune/val_top1_lr{lr}"] for lr in ("0.01", "0.1")}
+    best = max(vals, key=lambda lr: (vals[lr], lr == "0.01"))  # a tie goes to the first lr of the sweep
     tops = {lr: metrics[f"finetune/top1_lr{lr}"] for lr in ("0.01", "0.1")}
-    best = max(tops, key=lambda lr: (tops[lr], lr == "0.01"))  # a tie goes to the first lr of the sweep
     assert metrics["finetune/top1"] == tops[best] == metrics["finetune/top1_32px"] and 0.1 < tops[best] <= 1
+    assert metrics["finetune/val_top1"] == vals[best]
     assert metrics["finetune/best_lr"] == float(best) and metrics["finetune/image_size"] == 32
     flops = forward_flops(mixer_to_resolution(MlpMixer("Micro-4", 16, 10), 32).variant, 32, 10)
     assert metrics["compute/finetune_flops"] == 2 * 3 * flops * 8 * 16  # two runs of 8 steps x 16 images

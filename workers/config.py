@@ -202,11 +202,16 @@ class FinetuneConfig(_Strict):
         None, description="manifest URL of the downstream fine-tuning split; null = no fine-tuning"
     )
     test: str | None = Field(None, description="manifest URL of the downstream test split (finetune/top1)")
+    val: str | None = Field(
+        None, description="manifest URL of a held-out downstream split that picks the best lr of a sweep (big_vision's"
+        " minival, e.g. 2 % of the downstream train split); required when lr has several values: the test split only"
+        " reports, it never selects",
+    )
     steps: int = Field(500, gt=0)
     batch_size: int = Field(512, gt=0, description="global batch (paper: 512)")
     lr: tuple[float, ...] = Field(
-        (0.003, 0.01, 0.03), description="one value, or several: a small sweep, the best by test top-1 is kept"
-        " (big_vision's transfer configs sweep 0.003/0.01/0.03)",
+        (0.003, 0.01, 0.03), description="one value, or several: a small sweep, the best by top-1 on finetune.val"
+        " is kept (big_vision's transfer configs sweep 0.003/0.01/0.03)",
     )
     warmup_steps: int = Field(50, ge=0)
     momentum: float = Field(0.9, ge=0.0, lt=1.0)
@@ -232,6 +237,13 @@ class FinetuneConfig(_Strict):
     def _both_or_neither(self) -> FinetuneConfig:
         if (self.train is None) != (self.test is None):
             raise ValueError("give both finetune.train and finetune.test, or neither (no fine-tuning)")
+        if self.val is not None and self.train is None:
+            raise ValueError("finetune.val is given without finetune.train and finetune.test (no fine-tuning)")
+        if self.train is not None and len(self.lr) > 1 and self.val is None:
+            raise ValueError(
+                f"finetune.lr sweeps {len(self.lr)} values {list(self.lr)}: give finetune.val, a held-out split of the"
+                " downstream data (big_vision's minival), to choose among them; choosing by finetune.test top-1 would"
+                " report an optimistic test score")
         if self.warmup_steps >= self.steps:
             raise ValueError(f"finetune.warmup_steps ({self.warmup_steps}) must be below finetune.steps ({self.steps})")
         return self

@@ -18,7 +18,8 @@ The recipe (paper §3 "Fine-tuning" and Supplementary C; ViT's setup, which the 
   from 0: the first update has multiplier 0), ``t`` = updates already made (:func:`cosine_multiplier`);
 * softmax cross-entropy on one-hot targets (``workers.optim.classification_loss(..., "softmax")``);
 * top-1 of the final model on the whole downstream test split, through the evaluation view (resize + central
-  crop, ``data.augment.eval_crop_fraction``).
+  crop, ``data.augment.eval_crop_fraction``), and on ``finetune.val`` when given: the held-out split that picks
+  the learning rate of a sweep (``pipeline.finetune``), so the test split is never used to select.
 
 Training view: the study's ``data.augment`` crop and flip (the study chose what suits its images: inception crop
 for the paper studies, ``pad`` for digits) without RandAugment and mixup, which the paper's fine-tuning does not use
@@ -41,7 +42,7 @@ from torch import Tensor, nn
 from workers.checkpoint import load_model
 from workers.config import TrialConfig
 from workers.fractions import fraction_slices
-from workers.manifest import load_manifest
+from workers.manifest import Manifest, load_manifest
 from workers.optim import classification_loss, clip_by_global_norm
 from workers.permute import permute_spec
 from workers.precision import resolve_precision
@@ -142,10 +143,12 @@ class FineTuner:
         self.log = log
         self.train_manifest = load_manifest(ft.train)
         self.test_manifest = load_manifest(ft.test)
+        self.val_manifest = load_manifest(ft.val) if ft.val else None  # picks the lr of a sweep (pipeline.finetune)
         self.num_classes = self.train_manifest.num_classes
-        if self.test_manifest.num_classes != self.num_classes:
-            raise ValueError(f"finetune.test has {self.test_manifest.num_classes} classes, finetune.train"
-                             f" {self.num_classes}: they must be splits of one downstream data set")
+        for name, manifest in (("test", self.test_manifest), ("val", self.val_manifest)):
+            if manifest is not None and manifest.num_classes != self.num_classes:
+                raise ValueError(f"finetune.{name} has {manifest.num_classes} classes, finetune.train"
+                                 f" {self.num_classes}: they must be splits of one downstream data set")
 
         pretrained_model = load_model(pretrained)
         self.pretrained_image_size = int(pretrained_model.image_size)
@@ -203,10 +206,11 @@ class FineTuner:
         per_rank = self.finetune.batch_size // self.world_size
         return _infinite(make_loader(dataset, per_rank, data.loader_workers, pin_memory=self.device.type == "cuda"))
 
-    def test_loader(self):
-        """The whole ``finetune.test`` split through the evaluation view, a disjoint part per rank."""
+    def eval_loader(self, manifest: Manifest):
+        """A whole downstream split (``finetune.test`` or ``finetune.val``) through the evaluation view, a disjoint
+        part per rank."""
         dataset = ShardDataset(
-            fraction_slices(self.test_manifest, 1.0), train=False, rank=self.rank, world_size=self.world_size,
+            fraction_slices(manifest, 1.0), train=False, rank=self.rank, world_size=self.world_size,
             augment=self.augment, image_size=self.image_size, permute=self.permute,
         )
         return make_loader(dataset, self.finetune.batch_size // self.world_size, self.trial.data.loader_workers)
@@ -307,8 +311,11 @@ class FineTuner:
             metrics["finetune/loss"] = loss_sum.item() / steps  # mean training loss since the last report
         final = progress.step >= self.finetune.steps
         if final:
-            test_loss, top1 = self.evaluate(self.test_loader())
+            test_loss, top1 = self.evaluate(self.eval_loader(self.test_manifest))
             metrics.update({"finetune/top1": top1, "finetune/test_loss": test_loss})
+            if self.val_manifest is not None:
+                val_loss, val_top1 = self.evaluate(self.eval_loader(self.val_manifest))
+                metrics.update({"finetune/val_top1": val_top1, "finetune/val_loss": val_loss})
         # Ray's report is a barrier anyway, so summing the CPU time over ranks here costs no extra wait.
         (segment_cpu,) = _sum_over_ranks([process_tree_cpu_seconds() - cpu_start], self.device)
         progress.wall_seconds = wall_before + time.perf_counter() - start
