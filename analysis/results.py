@@ -26,6 +26,7 @@ METRICS = {
     "compute/wall_seconds": "wall_seconds",
     "compute/train_seconds": "train_seconds",
     "time/trial_start_unix": "trial_start_unix",
+    "time/worker_start_unix": "worker_start_unix",
     "time/first_step_unix": "first_step_unix",
     "time/train_end_unix": "train_end_unix",
     "time/trial_end_unix": "trial_end_unix",
@@ -52,7 +53,7 @@ COLUMNS = ["study", "trial", "status", "run_id", "variant", "family", "size", "p
            "permute", "train_images", "steps", "batch_size", "epochs", "images_seen", "train_flops", "core_seconds",
            "cpu_seconds", "wall_seconds", "img_per_s_per_core", "train_img_per_s_per_core", "best_val_acc",
            "final_val_acc", "finetune_top1", "checkpoint", "workers", "cpus_per_worker", "train_seconds",
-           "trial_start_unix", "first_step_unix", "train_end_unix", "trial_end_unix"]
+           "trial_start_unix", "worker_start_unix", "first_step_unix", "train_end_unix", "trial_end_unix"]
 
 
 def load_study(tracking_uri: str, study: str, experiment: str | None = None) -> pd.DataFrame:

@@ -796,11 +796,12 @@ def bench_orchestration(config: BenchConfig, write: Write) -> dict:
               "outside_trials_s": wall - summary["study_wall_s"],  # Ray start/stop, Tune set-up, MLflow parent
               **summary, "trial_rows": trials}
     result["table"] = format_table(
-        ["trial", "trial s", "start-up s", "train s", "tail s", "overhead s"],
-        [[t["trial"], f"{t['trial_s']:.1f}", f"{t['startup_s']:.1f}", f"{t['train_seconds']:.1f}",
-          f"{t['tail_s']:.1f}", f"{t['overhead_s']:.1f}"] for t in trials]
-        + [["median", "", f"{summary['median_startup_s']:.1f}", f"{summary['median_train_s']:.1f}",
-            f"{summary['median_tail_s']:.1f}", f"{summary['median_overhead_s']:.1f}"]],
+        ["trial", "trial s", "queued s", "start-up s", "train s", "tail s", "overhead s"],
+        [[t["trial"], f"{t['trial_s']:.1f}", f"{t['queued_s']:.1f}", f"{t['startup_s']:.1f}",
+          f"{t['train_seconds']:.1f}", f"{t['tail_s']:.1f}", f"{t['overhead_s']:.1f}"] for t in trials]
+        + [["median", "", f"{summary['median_queued_s']:.1f}", f"{summary['median_startup_s']:.1f}",
+            f"{summary['median_train_s']:.1f}", f"{summary['median_tail_s']:.1f}",
+            f"{summary['median_overhead_s']:.1f}"]],
     ) + (f"\nstudy wall {summary['study_wall_s']:.1f} s (first trial start to last trial end), goodput "
          f"{summary['goodput']:.3f} of {cluster_cpus:.0f} CPUs; mixer-study run took {wall:.1f} s in all")
     return result

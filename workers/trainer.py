@@ -326,9 +326,11 @@ class Trainer:
                 self.best_state = {k: v.detach().to("cpu", copy=True) for k, v in self.module.state_dict().items()}
         if step == tr.steps:
             metrics.update(self.compute_metrics())
-            # Start and end of the last segment's step loop: trial start -> first step and train end -> trial end
-            # are the per-trial overhead that `analysis.timeline` reports.
-            metrics.update({"time/first_step_unix": self.first_step_unix or time.time(),
+            # The last segment's worker start (this rank's process: when the trial got its cores), and the start
+            # and end of its step loop: worker start -> first step and train end -> trial end are the per-trial
+            # overhead that `analysis.timeline` reports; trial start -> worker start is time queued for cores.
+            metrics.update({"time/worker_start_unix": psutil.Process().create_time(),
+                            "time/first_step_unix": self.first_step_unix or time.time(),
                             "time/train_end_unix": time.time()})
         if self.log:
             self.log({k: v for k, v in metrics.items() if k != "step"}, step)
