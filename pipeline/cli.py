@@ -162,16 +162,21 @@ def _train(args: argparse.Namespace) -> None:
 
 def _fewshot(args: argparse.Namespace) -> None:
     from analysis.features import fewshot_for_model
-    from workers.checkpoint import load_model
+    from workers.checkpoint import load_model, read_permute
 
     train = args.train or (f"{args.data.rstrip('/')}/train" if args.data else None)
     test = args.test or (f"{args.data.rstrip('/')}/test" if args.data else None)
     if not (train and test):
         raise SystemExit("give --data SHARD_DIR (with train/ and test/ splits) or both --train and --test")
     model = load_model(args.checkpoint)
+    permute = read_permute(args.checkpoint)  # a model trained on permuted images (Fig. 4) is evaluated on them
+    if permute:
+        patch = f"patch {permute.patch}, " if permute.mode == "patches" else ""
+        print(f"input permutation {permute.mode} ({patch}seed {permute.seed}) from the checkpoint, applied to both "
+              "splits")
     args.train_samples = args.train_samples or None
     metrics = fewshot_for_model(model, train, test, shots=tuple(args.shots), seeds=args.seeds, l2_reg=args.l2_reg,
-                                train_samples=args.train_samples, crop_fraction=args.crop_fraction)
+                                train_samples=args.train_samples, crop_fraction=args.crop_fraction, permute=permute)
     for key, value in metrics.items():
         print(f"{key:>24}: {value:.4f}")
 

@@ -163,3 +163,31 @@ def test_reader_yields_the_permuted_images(digits16: Path, mode: str) -> None:
     assert all(torch.equal(a[0], b[0]) for a, b in zip(plain, none, strict=True))
     with pytest.raises(ValueError, match="data.permute_patch = 5"):
         ShardDataset(slices, train=False, image_size=16, permute=("patches", 5, 0))
+
+
+def test_checkpoint_keeps_the_permutation_and_the_fewshot_verb_applies_it(digits16: Path, tmp_path: Path) -> None:
+    """A model trained on permuted images is evaluated on the same permutation: the checkpoint records it
+    (model.json), and `mixer-study fewshot` applies it without being told."""
+    from analysis.features import fewshot_for_model
+    from tests.conftest import cli_env, run_cli
+    from workers.checkpoint import load_model, read_permute, write_checkpoint
+
+    torch.manual_seed(0)
+    model = build_model("Nano-4", image_size=16, num_classes=10)
+    spec = permute_spec(DataConfig(train="x", val="x", permute="pixels", permute_seed=3))
+    write_checkpoint(tmp_path / "permuted", model, {"model": model.state_dict()}, permute=spec)
+    write_checkpoint(tmp_path / "plain", model, {"model": model.state_dict()})
+    assert read_permute(tmp_path / "permuted") == spec and read_permute(tmp_path / "plain") is None
+    assert load_model(tmp_path / "permuted").image_size == 16  # the extra key does not disturb rebuilding
+
+    kwargs = {"shots": (5,), "seeds": 2, "crop_fraction": 1.0}
+    expected = fewshot_for_model(model, str(digits16 / "train"), str(digits16 / "test"), permute=spec, **kwargs)
+    unpermuted = fewshot_for_model(model, str(digits16 / "train"), str(digits16 / "test"), **kwargs)
+    assert expected["fewshot/5shot"] != unpermuted["fewshot/5shot"]  # the permutation changes what the model sees
+    result = run_cli(["fewshot", "--checkpoint", str(tmp_path / "permuted"), "--data", str(digits16), "--shots", "5",
+                      "--seeds", "2", "--crop-fraction", "1.0"], cli_env(tmp_path), timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "input permutation pixels (seed 3)" in result.stdout
+    printed = {key.strip(): float(value) for key, value in
+               (line.split(":") for line in result.stdout.splitlines() if line.strip().startswith("fewshot/"))}
+    assert abs(printed["fewshot/5shot"] - expected["fewshot/5shot"]) < 1e-4  # printed with 4 decimals

@@ -2,7 +2,9 @@
 
 A checkpoint is a folder with two files::
 
-    model.json   {"variant", "image_size", "num_classes", "head_bias_init"}: enough to rebuild the module
+    model.json   {"variant", "image_size", "num_classes"}: enough to rebuild the module; and "input_permute"
+                 {"mode", "patch", "seed"} when the model was trained on permuted images (data.permute, Fig. 4), so
+                 that whoever evaluates the checkpoint later feeds it the same permutation (read_permute)
     state.pt     {"model": state_dict, "trainer": Trainer.state_dict() minus the model}  (torch.save)
 
 ``report`` and ``fewshot`` rebuild figures and features from checkpoints with this module alone, so they work
@@ -19,6 +21,7 @@ from typing import Any
 
 import torch
 
+from workers.permute import PermuteSpec
 from workers.registry import Model, build_model
 
 STATE_FILE = "state.pt"
@@ -31,11 +34,14 @@ def model_spec(model: Model) -> dict[str, Any]:
     return {"variant": model.variant.name, "image_size": model.image_size, "num_classes": model.num_classes}
 
 
-def write_checkpoint(folder: str | Path, model: Model, state: dict[str, Any]) -> None:
-    """Write ``model.json`` and ``state.pt`` (``state`` must hold ``"model"``: the state_dict) into ``folder``."""
+def write_checkpoint(folder: str | Path, model: Model, state: dict[str, Any], permute: PermuteSpec | None = None
+                     ) -> None:
+    """Write ``model.json`` and ``state.pt`` (``state`` must hold ``"model"``: the state_dict) into ``folder``.
+    ``permute``: the fixed input permutation the model was trained on (``workers.permute.permute_spec``), or None."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    for name, write in ((MODEL_FILE, lambda f: f.write(json.dumps(model_spec(model)).encode())),
+    spec = {**model_spec(model), **({"input_permute": permute._asdict()} if permute else {})}
+    for name, write in ((MODEL_FILE, lambda f: f.write(json.dumps(spec).encode())),
                         (STATE_FILE, lambda f: torch.save(state, f))):
         partial = folder / f".{name}.partial"
         with open(partial, "wb") as f:
@@ -49,6 +55,13 @@ def read_state(folder: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise FileNotFoundError(f"no {STATE_FILE} in checkpoint folder {folder}")
     return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def read_permute(folder: str | Path) -> PermuteSpec | None:
+    """The input permutation a checkpoint's model was trained on (``write_checkpoint``), None for the original
+    images (and for checkpoints written before the permutation was recorded)."""
+    permute = json.loads((Path(folder) / MODEL_FILE).read_text()).get("input_permute")
+    return PermuteSpec(**permute) if permute else None
 
 
 def load_model(folder: str | Path) -> Model:

@@ -24,6 +24,7 @@ from torch import nn
 from workers.checkpoint import load_model, read_state, write_checkpoint
 from workers.config import TrialConfig
 from workers.finetune import FineTuner
+from workers.permute import permute_spec
 from workers.registry import build_model
 from workers.throughput import inference_throughput, peak_flops
 from workers.trainer import Trainer
@@ -126,7 +127,7 @@ def _reporter(learner: Trainer | FineTuner, rank: int, tracker) -> Callable[[dic
             ray.train.report(metrics, checkpoint=None)
             return
         with tempfile.TemporaryDirectory() as folder:
-            write_checkpoint(folder, learner.module, learner.state_dict())
+            write_checkpoint(folder, learner.module, learner.state_dict(), permute=permute_spec(learner.trial.data))
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder),
                              checkpoint_dir_name=f"step_{learner.progress.step:08d}")
 
