@@ -30,7 +30,7 @@ from pipeline.finetune import run_finetune
 from pipeline.spec import StudyError, StudySpec
 from pipeline.tracking import DataSplit, checkpoint_uri, experiment_id, log_dataset_inputs, trial_run
 from pipeline.trial_worker import trial_loop_per_worker
-from workers.config import TrialConfig, flatten
+from workers.config import TrialConfig, flat_defaults, flatten
 from workers.fractions import subset_size
 from workers.manifest import Manifest, load_manifest
 from workers.track import ROLE_TAG, STUDY_TAG, TRIAL_TAG, RunLogger, fail_fast_http, replay_spool, tag_filter
@@ -123,7 +123,11 @@ def refuse_changed_rerun(job_dict: dict[str, Any]) -> None:
         return
     new = {k: str(v)[:6000] for k, v in _params(trial, job, load_manifest(trial.data.train)).items()}
     old = runs[0].data.params
-    changed = sorted(k for k in new.keys() | old.keys() if new.get(k) != old.get(k))
+    # A field added to the recipe after the run was made is absent from its params: at its default it changes
+    # nothing the run did, so only a non-default value counts as an edit.
+    defaults = {k: str(v)[:6000] for k, v in flat_defaults().items()}
+    changed = sorted(k for k in new.keys() | old.keys() if new.get(k) != old.get(k)
+                     and not (k not in old and k in defaults and new.get(k) == defaults[k]))
     if changed:
         diff = "; ".join(f"{k}: {old.get(k, '<unset>')} -> {new.get(k, '<unset>')}" for k in changed[:8])
         raise StudyError(f"run '{job.name}' of study '{job.study}' already exists with a different recipe ({diff}): "

@@ -204,3 +204,36 @@ def test_a_broken_monitor_never_fails_training(
     tracker.log({"train/loss": 1.0}, 1)
     tracker.close()
     assert set(client.get_run(run_id).data.metrics) == {"train/loss"}
+
+
+def test_rerun_refused_for_an_edit_but_not_for_a_field_added_since(tracking_uri: str, digits16, tmp_path) -> None:
+    """``refuse_changed_rerun``: a run stored before a recipe field existed lacks its param; rerunning it with that
+    field at its default changes nothing the run did, a non-default value is an edit (named in the error)."""
+    from pipeline.plan import plan_study
+    from pipeline.spec import StudyError, parse_study
+    from pipeline.trial import TrialJob, _params, make_job, refuse_changed_rerun
+    from tests.conftest import study_dict
+    from workers.manifest import load_manifest
+    from workers.track import ROLE_TAG, STUDY_TAG, TRIAL_TAG
+
+    spec = parse_study(study_dict("rerun", digits16))
+    config = plan_study(spec)[0].config
+
+    def job(trial) -> dict:
+        return make_job(spec, "train-base", trial, {}, tracking_uri=tracking_uri, storage=str(tmp_path), role="train")
+
+    client = MlflowClient(tracking_uri)
+    params = _params(config, TrialJob(**job(config)), load_manifest(config.data.train))
+    stored = {k: v for k, v in params.items() if k not in ("data.on_error", "data.verify_checksums")}  # an old run
+    run = client.create_run(experiment_id(client, spec.experiment),
+                            tags={STUDY_TAG: "rerun", TRIAL_TAG: "train-base", ROLE_TAG: "train"})
+    for key, value in stored.items():
+        client.log_param(run.info.run_id, key, str(value))
+
+    refuse_changed_rerun(job(config))  # the new fields at their defaults: the same recipe, not refused
+    skipping = config.model_copy(update={"data": config.data.model_copy(update={"on_error": "skip"})})
+    with pytest.raises(StudyError, match=r"data.on_error: <unset> -> skip"):
+        refuse_changed_rerun(job(skipping))
+    faster = config.model_copy(update={"optim": config.optim.model_copy(update={"lr": 0.01})})
+    with pytest.raises(StudyError, match=r"optim.lr: 0.003 -> 0.01"):
+        refuse_changed_rerun(job(faster))

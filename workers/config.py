@@ -282,6 +282,20 @@ def head_bias(model: ModelConfig, loss: str, num_classes: int) -> float:
     return -math.log(num_classes) if loss == "sigmoid" and num_classes > 1 else 0.0
 
 
+def flat_defaults(cls: type[BaseModel] | None = None, prefix: str = "") -> dict[str, object]:
+    """{"data.on_error": "raise", ...}: the default of every recipe field that has one, in :func:`flatten`'s form
+    (``cls`` defaults to :class:`TrialConfig`; sections are walked even where the section itself is required)."""
+    flat: dict[str, object] = {}
+    for name, info in (cls or TrialConfig).model_fields.items():
+        key = f"{prefix}{name}"
+        if isinstance(info.annotation, type) and issubclass(info.annotation, BaseModel):
+            flat.update(flat_defaults(info.annotation, key + "."))
+        elif not info.is_required():
+            value = info.get_default(call_default_factory=True)
+            flat[key] = list(value) if isinstance(value, tuple) else value
+    return flat
+
+
 def flatten(config: BaseModel, prefix: str = "") -> dict[str, object]:
     """Nested config -> {"optim.lr": 0.001, ...}: the form MLflow params and grid keys use."""
     flat: dict[str, object] = {}
