@@ -18,6 +18,7 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from analysis.results import load_study
+from pipeline.spec import parse_study
 from tests.conftest import REPO, cli_env, run_cli, write_study
 
 pytestmark = pytest.mark.slow  # `make test-slow`: 8 trials with fine-tuning, then 6 trials; minutes on 2 cores
@@ -26,27 +27,35 @@ STUDY = REPO / "studies" / "model_scale.yaml"
 PERMUTATION = REPO / "studies" / "permutation.yaml"
 
 
-def _pointed_at(study: dict, shards: Path) -> dict:
-    """``study`` with every `data/digits-32/<split>` URL replaced by the same split of ``shards``."""
-    text = yaml.safe_dump(study, sort_keys=False).replace("data/digits-32", str(shards))
-    return yaml.safe_load(text)
+def _shortened(shipped: dict, shards: Path) -> dict:
+    """``shipped`` with every `data/digits-32/<split>` URL replaced by the same split of ``shards`` and the step
+    counts cut (everything else as shipped)."""
+    study = yaml.safe_load(yaml.safe_dump(shipped, sort_keys=False).replace("data/digits-32", str(shards)))
+    base = study["base"]
+    base["train"].update(steps=20, eval_every=10, checkpoint_every=20)
+    base["optim"]["warmup_steps"] = 5
+    if "finetune" in base:
+        base["finetune"].update(steps=10, warmup_steps=2)
+    return study
+
+
+def _run(study: dict, tmp_path: Path) -> tuple[str, dict]:
+    """Run ``study`` with `mixer-study run` on a sqlite store; returns (tracking URI, CLI environment)."""
+    path = write_study(tmp_path / f"{study['name']}.yaml", study)
+    uri, env = f"sqlite:///{tmp_path / 'mlflow.db'}", cli_env(tmp_path)
+    ran = run_cli(["run", str(path), "--tracking-uri", uri, "--storage", str(tmp_path / "runs")], env, timeout=1800)
+    assert ran.returncode == 0, ran.stdout[-3000:] + ran.stderr[-3000:]
+    trials = len(parse_study(study).grid_points())
+    assert f"{trials}/{trials} trials finished" in ran.stdout
+    return uri, env
 
 
 def test_model_scale_study_runs_and_reports(tmp_path: Path, digits16: Path) -> None:
     shipped = yaml.safe_load(STUDY.read_text())
-    study = _pointed_at(shipped, digits16)
-    base = study["base"]
-    base["train"].update(steps=20, eval_every=10, checkpoint_every=20)
-    base["optim"]["warmup_steps"] = 5
-    base["finetune"].update(steps=10, warmup_steps=2)
-    assert study["grid"] == shipped["grid"] and base["finetune"]["lr"] == shipped["base"]["finetune"]["lr"]
-    path = write_study(tmp_path / "model_scale.yaml", study)
-    uri, env = f"sqlite:///{tmp_path / 'mlflow.db'}", cli_env(tmp_path)
-
-    ran = run_cli(["run", str(path), "--tracking-uri", uri, "--storage", str(tmp_path / "runs")], env, timeout=1800)
-    assert ran.returncode == 0, ran.stdout[-3000:] + ran.stderr[-3000:]
+    study = _shortened(shipped, digits16)
+    assert study["grid"] == shipped["grid"] and study["base"]["finetune"]["lr"] == shipped["base"]["finetune"]["lr"]
+    uri, env = _run(study, tmp_path)
     variants = shipped["grid"]["model.variant"]
-    assert f"{len(variants)}/{len(variants)} trials finished" in ran.stdout
 
     out = tmp_path / "report"
     report = run_cli(["report", shipped["name"], "--tracking-uri", uri, "--out", str(out)], env, timeout=600)
@@ -67,16 +76,9 @@ def test_model_scale_study_runs_and_reports(tmp_path: Path, digits16: Path) -> N
 
 def test_permutation_study_runs_and_reports(tmp_path: Path, digits16: Path) -> None:
     shipped = yaml.safe_load(PERMUTATION.read_text())
-    study = _pointed_at(shipped, digits16)
-    base = study["base"]
-    base["train"].update(steps=20, eval_every=10, checkpoint_every=20)
-    base["optim"]["warmup_steps"] = 5
-    assert study["grid"] == shipped["grid"] and base["data"]["permute_patch"] == 4  # divides 16 px as well as 32
-    path = write_study(tmp_path / "permutation.yaml", study)
-    uri, env = f"sqlite:///{tmp_path / 'mlflow.db'}", cli_env(tmp_path)
-    ran = run_cli(["run", str(path), "--tracking-uri", uri, "--storage", str(tmp_path / "runs")], env, timeout=1800)
-    assert ran.returncode == 0, ran.stdout[-3000:] + ran.stderr[-3000:]
-    assert "6/6 trials finished" in ran.stdout
+    study = _shortened(shipped, digits16)
+    assert study["grid"] == shipped["grid"] and study["base"]["data"]["permute_patch"] == 4  # divides 16 px too
+    uri, env = _run(study, tmp_path)
 
     out = tmp_path / "report"
     report = run_cli(["report", shipped["name"], "--tracking-uri", uri, "--out", str(out)], env, timeout=600)
