@@ -10,7 +10,9 @@ import hashlib
 import json
 import logging
 import os
+import random
 import subprocess
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -250,4 +252,23 @@ def log_dataset_inputs(client: MlflowClient, run_id: str, splits: Sequence[DataS
                           profile=json.dumps(profile))
         new.append(DatasetInput(dataset, tags=[InputTag(MLFLOW_DATASET_CONTEXT, split.context)]))
     if new:
-        client.log_inputs(run_id, datasets=new)
+        _log_inputs_racing(client, run_id, new)
+
+
+def _log_inputs_racing(client: MlflowClient, run_id: str, inputs: list[DatasetInput], attempts: int = 5) -> None:
+    """``client.log_inputs``, retried when another trial created one of the same datasets meanwhile.
+
+    MLflow's store keeps one dataset row per (experiment, name, digest) and creates it on first use, check then
+    insert: two trials of a study starting at once (the val and few-shot splits are shared) can both insert, and
+    the loser's whole transaction fails on the unique constraint (reproduced with 4 processes on sqlite). The
+    transaction rolled back, so logging again is safe, and then the dataset exists and is reused.
+    """
+    for attempt in range(attempts):
+        try:
+            client.log_inputs(run_id, datasets=inputs)
+            return
+        except MlflowException as error:
+            text = str(error).lower()
+            if attempt == attempts - 1 or not any(s in text for s in ("unique constraint", "duplicate", "integrity")):
+                raise
+            time.sleep(0.2 * (attempt + 1) * (1 + random.random()))

@@ -237,3 +237,43 @@ def test_rerun_refused_for_an_edit_but_not_for_a_field_added_since(tracking_uri:
     faster = config.model_copy(update={"optim": config.optim.model_copy(update={"lr": 0.01})})
     with pytest.raises(StudyError, match=r"optim.lr: 0.003 -> 0.01"):
         refuse_changed_rerun(job(faster))
+
+
+def _log_same_datasets(uri: str, run_ids: list[str], barrier, errors) -> None:
+    """One of several processes: round r logs dataset r to its own run, all processes at once (the barrier)."""
+    client = MlflowClient(uri)
+    for r, run_id in enumerate(run_ids):
+        split = DataSplit("val", f"/data/race-{r}/val/manifest.json", [f"{r + 500:064x}"], 1.0, 50, 10)
+        barrier.wait()
+        try:
+            log_dataset_inputs(client, run_id, [split])
+        except Exception as error:  # noqa: BLE001 - reported to the test
+            errors.put(f"round {r}: {type(error).__name__}: {str(error)[:200]}")
+
+
+def test_trials_starting_at_once_share_a_new_dataset(tmp_path) -> None:
+    """Trials of a study starting together log the same new datasets (val, few-shot splits) to their runs. MLflow
+    creates a dataset row check-then-insert, so without a retry the loser's transaction fails on the unique
+    constraint (it failed a data_fraction trial here; 10 of 60 racing calls failed in 15 rounds of 4 processes)."""
+    import multiprocessing
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    exp = experiment_id(client, "race")
+    processes, rounds = 4, 12
+    runs = [[client.create_run(exp).info.run_id for _ in range(rounds)] for _ in range(processes)]
+    context = multiprocessing.get_context("spawn")
+    barrier, errors = context.Barrier(processes), context.Queue()
+    workers = [context.Process(target=_log_same_datasets, args=(uri, runs[i], barrier, errors))
+               for i in range(processes)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(timeout=300)
+    failures = []
+    while not errors.empty():
+        failures.append(errors.get())
+    assert not failures and all(w.exitcode == 0 for w in workers), failures
+    for r in range(rounds):  # every run has its input, all linked to one dataset row per round
+        digests = {client.get_run(runs[i][r]).inputs.dataset_inputs[0].dataset.digest for i in range(processes)}
+        assert len(digests) == 1
