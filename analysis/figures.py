@@ -335,11 +335,12 @@ def _build_fig4(df: pd.DataFrame, quality: str) -> Figure:
             colour = PERMUTE_PIPELINES.get(pipeline, (pipeline, pipeline, _spare(pipeline, _SPARE_COLOURS)))[2]
             bars = ax.bar(x, mean, width=0.7, color=colour, yerr=err, capsize=3)
             # Relative change to the original images (the paper: pixels -45 % Mixer, -75 % ResNet).
-            change = f"\n{100 * (mean / reference - 1):+.0f}%" if reference and pipeline != "none" else ""
+            change = f"\n{100 * (mean / reference - 1):+.1f}%" if reference and pipeline != "none" else ""
             ax.bar_label(bars, labels=[f"{mean:.1f}{change}"], fontsize="small")
         ax.set_xticks(range(len(pipelines)), [PERMUTE_PIPELINES.get(p, (p,))[0] for p in pipelines])
         ax.grid(axis="y", alpha=0.3)
     axes[0].set_ylabel(_label(quality))
+    axes[0].set_ylim(top=axes[0].get_ylim()[1] * 1.1)  # room for the two-line labels above the tallest bar
     specs = [PERMUTE_PIPELINES.get(p, (p, p, _spare(p, _SPARE_COLOURS))) for p in pipelines]
     handles = [Patch(color=colour, label=text) for _, text, colour in specs]
     fig.legend(handles=handles, loc="outside lower center", ncols=1, fontsize="small")

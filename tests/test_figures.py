@@ -308,7 +308,7 @@ def test_fig4_one_panel_per_model_bars_per_pipeline(permute_df, tmp_path):
     np.testing.assert_allclose(_bars(mixer), [(0, 82.0), (1, 82.0), (2, 44.0)])  # mean of the two `none` runs
     np.testing.assert_allclose(_bars(resnet), [(0, 90.0), (2, 22.5)])  # NaN permute = original; no `patches` run
     texts = _texts(fig)
-    assert "-75%" in texts and "-46%" in texts and "no run" in texts  # change relative to the original images
+    assert "-75.0%" in texts and "-46.3%" in texts and "no run" in texts  # change relative to the original images
     assert mixer.get_shared_y_axes().joined(mixer, resnet)
     _assert_files(figures.fig4_permutation(permute_df, tmp_path), ".png", ".pdf")
 
