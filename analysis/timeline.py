@@ -7,10 +7,12 @@ bookkeeping done), plus ``compute/train_seconds`` (time inside training steps).
 
 - queued = worker start - trial start: the trial's driver waits for cores that other trials hold. A study runs one
   trial more than fit (``pipeline.tune.default_concurrency``) so that this wait overlaps their training; it costs
-  the cluster nothing and is not overhead. (The driver's process may also be one Ray started before the trial, so
-  its start is an upper bound on the wait.) Runs logged before ``time/worker_start_unix`` existed count 0.
+  the cluster nothing and is not overhead. Both marks are process start times, and Ray may hand a trial a process
+  it started earlier: an early driver process lengthens the wait, an early worker process (clipped to the trial
+  start) moves wait into start-up. So start-up is an upper bound, never an underestimate. Runs logged before
+  ``time/worker_start_unix`` existed count no wait.
 - per-trial overhead = start-up (first step - worker start: the worker group, imports, process group, data) plus
-  the tail (train end - trial end: evaluation of the last step, checkpoint, throughput, few-shot, fine-tuning,
+  the tail (trial end - train end: evaluation of the last step, checkpoint, throughput, few-shot, fine-tuning,
   MLflow).
 - goodput = sum over trials of in-loop training core-seconds (train_seconds x workers x cpus_per_worker) divided
   by (study wall x the CPUs Ray uses): the fraction of the machine's time spent training. It needs none of the

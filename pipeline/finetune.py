@@ -15,7 +15,7 @@ Metrics (returned; the caller logs them to the trial's MLflow run):
   and its ``finetune/val_top1`` and ``finetune/top1`` (the downstream test split, which only reports); each run's
   own ``finetune/top1_lr<lr>`` and ``finetune/val_top1_lr<lr>`` (``<lr>`` formatted with ``:g``) are logged by its
   rank 0, not again here;
-* ``finetune/image_size``: the fine-tuning resolution; when ``finetune.image_size`` is set, the best top-1 is
+* ``finetune/image_size``: the fine-tuning resolution; when ``finetune.image_size`` is set, ``finetune/top1`` is
   also logged as ``finetune/top1_<N>px`` (e.g. ``finetune/top1_384px``): the unsuffixed name stays the one the
   analysis reads, and the named copy keeps runs at different resolutions apart in the MLflow UI;
 * ``compute/finetune_flops`` (3 x forward FLOPs at the fine-tuning resolution x images, summed over the sweep:

@@ -50,6 +50,8 @@ def test_shipped_studies_validate(path: Path) -> None:
         ({"finetune": {"train": "x/train", "test": "x/test", "lr": [0.01, 0.03], "warmup_steps": 1}},
          "finetune.lr sweeps 2 values [0.01, 0.03]: give finetune.val"),  # the test split must not select
         ({"finetune": {"val": "x/val"}}, "finetune.val is given without finetune.train"),
+        ({"finetune": {"train": "x/train", "test": "x/test", "val": "x/test/", "warmup_steps": 1}},
+         "finetune.val is the test split"),
     ],
 )
 def test_bad_fields_name_the_field(tmp_path: Path, change: dict, expected: str) -> None:

@@ -244,7 +244,7 @@ def _log_same_datasets(uri: str, run_ids: list[str], barrier, errors) -> None:
     client = MlflowClient(uri)
     for r, run_id in enumerate(run_ids):
         split = DataSplit("val", f"/data/race-{r}/val/manifest.json", [f"{r + 500:064x}"], 1.0, 50, 10)
-        barrier.wait()
+        barrier.wait(timeout=120)  # a dead sibling breaks the barrier instead of hanging the test
         try:
             log_dataset_inputs(client, run_id, [split])
         except Exception as error:  # noqa: BLE001 - reported to the test
@@ -270,6 +270,10 @@ def test_trials_starting_at_once_share_a_new_dataset(tmp_path) -> None:
         worker.start()
     for worker in workers:
         worker.join(timeout=300)
+    for worker in workers:
+        if worker.is_alive():
+            worker.terminate()  # only the processes this test started
+            worker.join()
     failures = []
     while not errors.empty():
         failures.append(errors.get())

@@ -239,6 +239,9 @@ class FinetuneConfig(_Strict):
             raise ValueError("give both finetune.train and finetune.test, or neither (no fine-tuning)")
         if self.val is not None and self.train is None:
             raise ValueError("finetune.val is given without finetune.train and finetune.test (no fine-tuning)")
+        if self.val is not None and self.val.rstrip("/") == (self.test or "").rstrip("/"):
+            raise ValueError(f"finetune.val is the test split ({self.val}): the lr would be chosen on the split that"
+                             " reports top-1; hold out another part of the downstream data")
         if self.train is not None and len(self.lr) > 1 and self.val is None:
             raise ValueError(
                 f"finetune.lr sweeps {len(self.lr)} values {list(self.lr)}: give finetune.val, a held-out split of the"
