@@ -22,6 +22,7 @@ from matplotlib.axes import Axes
 from matplotlib.colors import to_hex
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
+from matplotlib.ticker import NullFormatter
 
 from analysis.pareto import pareto_front
 from workers.registry import FAMILIES, Variant, get_variant
@@ -181,6 +182,13 @@ def _with_family(data: pd.DataFrame) -> pd.DataFrame:
     return data.assign(family=family.astype(str))
 
 
+def _log_x(ax: Axes) -> None:
+    """A log x axis labelled at the decades only: over less than a decade matplotlib labels the minor ticks too,
+    and their labels run into each other."""
+    ax.set_xscale("log")
+    ax.xaxis.set_minor_formatter(NullFormatter())
+
+
 def _note(ax: Axes, message: str) -> None:
     """Replace a plot that has no data by the reason, in words."""
     logger.warning("%s: %s", ax.get_title() or ax.figure.get_suptitle(), message)
@@ -209,7 +217,7 @@ def _build_fig2_left(df: pd.DataFrame, quality: str, cost: str) -> Figure:
         ax.scatter(rows[cost], _values(rows, quality), label=variant, zorder=3, **_style(variant))
     front = pareto_front(data, cost, quality)
     ax.plot(front[cost], _values(front, quality), "k--", lw=1, label="Pareto frontier", zorder=2)
-    ax.set_xscale("log")
+    _log_x(ax)
     ax.set_xlabel(_label(cost))
     ax.set_ylabel(_label(quality))
     ax.grid(alpha=0.3)
@@ -236,7 +244,7 @@ def _build_fig2_right(df: pd.DataFrame, quality: str) -> Figure:
     for variant, rows in _groups(data, "variant"):
         rows = rows.sort_values(size, kind="stable")
         ax.plot(rows[size], _values(rows, quality), label=variant, linestyle=_linestyle(variant), **_style(variant))
-    ax.set_xscale("log")
+    _log_x(ax)
     ax.set_xlabel(_label(size))
     ax.set_ylabel(_label(quality))
     ax.grid(alpha=0.3)
@@ -271,7 +279,7 @@ def _build_fig3(df: pd.DataFrame, quality: str) -> Figure:
                     label=family, zorder=2)
         for variant, rows in _groups(data, "variant"):
             ax.scatter(rows[x], _values(rows, quality), label=variant, zorder=3, **_style(variant))
-        ax.set_xscale("log")
+        _log_x(ax)
         ax.set_xlabel(_label(x))
         ax.set_ylabel(_label(quality))
         ax.grid(alpha=0.3)
