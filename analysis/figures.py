@@ -343,8 +343,10 @@ def _build_fig4(df: pd.DataFrame, quality: str) -> Figure:
             colour = PERMUTE_PIPELINES.get(pipeline, (pipeline, pipeline, _spare(pipeline, _SPARE_COLOURS)))[2]
             bars = ax.bar(x, mean, width=0.7, color=colour, yerr=err, capsize=3)
             # Relative change to the original images (the paper: pixels -45 % Mixer, -75 % ResNet).
-            percent = round(100 * (mean / reference - 1), 1) + 0.0 if reference else 0.0  # + 0.0: no "-0.0"
-            change = f"\n{percent:+.1f}%" if reference and pipeline != "none" else ""
+            change = ""
+            if reference and pipeline != "none":
+                percent = round(100 * (mean / reference - 1), 1) + 0.0  # + 0.0 turns a rounded -0.0 into 0.0
+                change = f"\n{percent:+.1f}%"
             ax.bar_label(bars, labels=[f"{mean:.1f}{change}"], fontsize="small")
         ax.set_xticks(range(len(pipelines)), [PERMUTE_PIPELINES.get(p, (p,))[0] for p in pipelines])
         ax.grid(axis="y", alpha=0.3)
