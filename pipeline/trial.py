@@ -136,6 +136,7 @@ def refuse_changed_rerun(job_dict: dict[str, Any]) -> None:
 
 def run_trial(job_dict: dict[str, Any], in_tune: bool = False) -> dict[str, float]:
     """Train one trial and evaluate it; returns the trial's final metrics (also logged to its MLflow run)."""
+    global _previous_trial_end
     job = TrialJob(**job_dict)
     trial = TrialConfig.model_validate(job.trial)
     client = mlflow.tracking.MlflowClient(job.tracking_uri)
@@ -202,9 +203,11 @@ def run_trial(job_dict: dict[str, Any], in_tune: bool = False) -> dict[str, floa
         final: dict[str, float] = {}
         if trial.finetune.enabled:  # the paper's fine-tuning of the best checkpoint, on the trial's resources
             final.update(run_finetune(job_dict, checkpoint, worker_mlflow, run_log.set_tag))
-        # This attempt's process started when Tune (or the `train` verb) launched it: with the end, the span whose
-        # parts outside the step loop are the per-trial overhead (analysis.timeline). Logged once, at the end.
-        final.update({"time/trial_start_unix": psutil.Process().create_time(), "time/trial_end_unix": time.time()})
+        # This attempt started when its process did (Tune or the `train` verb launched it), or, in a process that Tune
+        # reuses for one trial after another, when the previous trial in it ended. With the end, the span whose parts
+        # outside the step loop are the per-trial overhead (analysis.timeline). Logged once, at the end.
+        final.update({"time/trial_start_unix": max(psutil.Process().create_time(), _previous_trial_end),
+                      "time/trial_end_unix": time.time()})
         run_log.log(final, trial.train.steps)  # skips what an earlier attempt already logged
         ok = True
         headline = {k: v for k, v in logged.items() if k.split("/")[0] in ("best", "fewshot")}
@@ -212,6 +215,12 @@ def run_trial(job_dict: dict[str, Any], in_tune: bool = False) -> dict[str, floa
     finally:
         run_log = run_log or RunLogger(job.tracking_uri, run_id, spool=spool)
         run_log.close(RunStatus.to_string(RunStatus.FINISHED if ok else RunStatus.FAILED))
+        _previous_trial_end = time.time()
+
+
+# When the previous trial run in this process ended (0: none). Tune reuses a trial driver's process for the next
+# trial (pipeline.tune, reuse_actors), so the process start is the first trial's start only.
+_previous_trial_end = 0.0
 
 
 SPOOL = "mlflow-spool"  # folder name of the MLflow records that wait for the store (workers.track)

@@ -150,6 +150,10 @@ class TrainConfig(_Strict):
     precision: Literal["auto", "bf16", "fp32"] = Field(
         "auto", description="bf16 autocast, fp32, or auto: bf16 where the hardware runs it fast (workers.precision)"
     )
+    compile: Literal["auto"] | bool = Field(
+        "auto", description="torch.compile the model (inductor, falling back to eager where it cannot compile): "
+        "true, false, or auto: on a CUDA device only (workers.precision.resolve_compile)"
+    )
     seed: int = Field(0, description="seeds the weight init, the data order, augmentation and mixup")
     keep_checkpoints: int = Field(2, ge=1, description="best checkpoints (by val/acc) kept on storage")
 

@@ -74,6 +74,7 @@ def _train(trial: TrialConfig, config: dict[str, Any], rank: int, world_size: in
     _resume(trainer, rank, "training")
     if tracker:
         tracker.set_tag("train.precision_resolved", trainer.precision)
+        tracker.set_tag("train.compile_resolved", str(trainer.compiled).lower())
     trainer.fit(_reporter(trainer, rank, tracker))
 
     if tracker:

@@ -30,7 +30,7 @@ from workers.fractions import fraction_slices, subset_size
 from workers.manifest import load_manifest
 from workers.optim import build_optimizer, classification_loss, clip_by_global_norm, set_lr
 from workers.permute import permute_spec
-from workers.precision import resolve_precision
+from workers.precision import compile_model, resolve_compile, resolve_precision
 from workers.registry import build_model, train_flops_per_image
 from workers.shard_reader import ShardDataset, make_loader
 
@@ -169,6 +169,9 @@ class Trainer:
             head_bias_init=head_bias(trial.model, tr.loss, self.num_classes),
         ).to(self.device)
         self.model = wrap_model(self.module)
+        self.compiled = resolve_compile(tr.compile, self.device)
+        if self.compiled:  # the training forward and backward; evaluation runs the module eagerly
+            self.model = compile_model(self.model)
         self.optimizer = build_optimizer(self.module, trial.optim)
         self.precision = resolve_precision(tr.precision, self.device)
         self.flops_per_image = train_flops_per_image(self.module.variant, self.image_size, self.num_classes)
