@@ -3,6 +3,8 @@ rounding, ``torch.compile`` (inductor) within fp32 reassociation, and the choice
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -40,12 +42,17 @@ def test_bf16_autocast_logits_agree_with_fp32(variant):
     assert (bf16.float().argmax(-1) == fp32.argmax(-1)).float().mean().item() >= 0.75
 
 
-def test_compiled_logits_and_gradients_agree_with_eager():
-    eager, compiled_module = _model(), _model()
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA"))]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_compiled_logits_and_gradients_agree_with_eager(device):
+    eager, compiled_module = _model().to(device), _model().to(device)
     compiled = compile_model(compiled_module)
-    images, labels = _images(), torch.arange(8) % 10
+    images, labels = _images().to(device), torch.arange(8, device=device) % 10
     targets = torch.nn.functional.one_hot(labels, 10).float()
     with torch.no_grad():
+        # (CUDA: no TF32 here, torch's default for matmuls; inductor may still pick other kernels than eager.)
         assert torch.allclose(compiled(images)[0], eager(images)[0], atol=1e-5, rtol=1e-4)
     # The training graph (forward and backward, compiled together by AOTAutograd): the recipe's loss, then every
     # parameter's gradient. (Not the Adam update: Adam turns a gradient's sign into a +-lr step, so rounding noise
@@ -64,3 +71,26 @@ def test_auto_choices_per_device():
     cuda = torch.device("cuda")
     assert resolve_compile("auto", cuda) is True and resolve_compile(False, cuda) is False
     assert resolve_precision("fp32", cpu) == "fp32" and resolve_precision("bf16", cpu) == "bf16"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA")
+def test_trainer_on_cuda_takes_the_fast_path(digits16: Path):
+    """On a GPU, ``auto`` means bf16 autocast and a compiled step; its losses follow the eager bf16 step's."""
+    from workers.config import TrialConfig
+    from workers.trainer import Trainer
+
+    def config(compile_mode):
+        return TrialConfig.model_validate({
+            "data": {"train": str(digits16 / "train"), "val": str(digits16 / "val"),
+                     "augment": {"crop": "pad", "pad": 1, "eval_crop_fraction": 1.0}},
+            "model": {"variant": "Micro-4"}, "optim": {"lr": 0.003, "warmup_steps": 2},
+            "train": {"steps": 20, "batch_size": 64, "eval_every": 10, "checkpoint_every": 10,
+                      "compile": compile_mode}})
+
+    cuda = torch.device("cuda")
+    fast, eager = Trainer(config("auto"), device=cuda), Trainer(config(False), device=cuda)
+    assert fast.precision == "bf16" and fast.compiled and not eager.compiled
+    images, labels = next(fast.train_batches())
+    losses = [[float(t.train_step(images, labels)[0]) for _ in range(5)] for t in (eager, fast)]
+    assert losses[0][0] > losses[0][4]
+    assert losses[1] == pytest.approx(losses[0], rel=2e-2)  # bf16 rounding, differently fused
