@@ -127,3 +127,51 @@ def test_fewer_shards_than_ranks_times_loader_workers(clean: Path) -> None:
         for _images, _labels, batch_keys in make_loader(dataset, 4, num_workers=2):
             keys += batch_keys
     assert len(keys) == 20 == len(set(keys))
+
+
+# --- the memory cache (workers.shard_reader): what it keeps, and that it changes nothing ---------------------------
+
+
+def _epochs(dataset: ShardDataset, epochs: int) -> list[list[tuple[str, bytes]]]:
+    """Keys and pixel bytes of ``epochs`` passes, one ``iter()`` each."""
+    return [[(key, image.numpy().tobytes()) for image, _label, key in dataset] for _ in range(epochs)]
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_cache_changes_nothing_and_reads_no_storage_after_the_first_pass(clean: Path, tmp_path: Path,
+                                                                          train: bool) -> None:
+    from workers.config import AugmentConfig
+
+    split, _ = _copy(clean, tmp_path)
+    slices = fraction_slices(load_manifest(str(split)), 1.0)
+    kwargs = dict(train=train, seed=3, shuffle_buffer=16, augment=AugmentConfig(crop="pad", pad=1, flip=True),
+                  image_size=8, return_keys=True)
+    plain, cached = ShardDataset(slices, **kwargs), ShardDataset(slices, cache_mb=1, **kwargs)
+    first = _epochs(cached, 1)
+    for tar in split.glob("*.tar"):  # storage gone: only the cache can serve the next passes
+        tar.unlink()
+    later = _epochs(cached, 2)
+    shutil.rmtree(split)
+    shutil.copytree(clean, split)
+    assert first + later == _epochs(plain, 3)  # the same samples, order, augmentation draws and pixels
+    assert len({key for key, _ in first[0]}) == sum(s.num_samples for s in slices)
+    if train:
+        assert later[0] != first[0]  # a new epoch: reshuffled, re-augmented (so the equality above means something)
+    # Without room in the cache the second pass reads storage again.
+    tiny = ShardDataset(slices, cache_mb=0.0001, **kwargs)
+    _epochs(tiny, 1)
+    for tar in split.glob("*.tar"):
+        tar.unlink()
+    with pytest.raises(DataError, match="unreadable"):
+        _epochs(tiny, 1)
+
+
+def test_cache_keeps_no_shard_that_reported_a_problem(clean: Path, tmp_path: Path) -> None:
+    split, shard = _copy(clean, tmp_path)
+    shard.write_bytes(shard.read_bytes() + b"\0" * 1024)  # its checksum no longer matches the manifest's
+    dataset = ShardDataset(fraction_slices(load_manifest(str(split)), 1.0), train=False, on_error="skip",
+                           cache_mb=1, return_keys=True)
+    for expected in (1, 2):  # each pass reads the corrupt shard again and reports it again
+        assert len(_epochs(dataset, 1)[0]) == load_manifest(str(split)).num_samples
+        assert dataset.problem_counts() == (0, expected)
+    assert str(shard) not in dataset._cached_records and len(dataset._cached_records) == 7

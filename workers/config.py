@@ -76,6 +76,10 @@ class DataConfig(_Strict):
     )
     shuffle_buffer: int = Field(256, ge=1)
     loader_workers: int = Field(0, ge=0, description="DataLoader processes per training worker")
+    cache_mb: float = Field(
+        128, ge=0, description="memory per loader process for raw shard records and decoded images, kept after the"
+        " first read so later epochs and val passes neither read nor decode (workers.shard_reader); 0 = off"
+    )
     on_error: Literal["raise", "skip"] = Field(
         "raise", description="a truncated shard, an undecodable image, a sample without label or a checksum mismatch:"
         " raise fails the trial naming the shard and sample; skip drops what cannot be read, counts it in"

@@ -201,7 +201,7 @@ class FineTuner:
         dataset = ShardDataset(
             fraction_slices(self.train_manifest, 1.0), train=True, rank=self.rank, world_size=self.world_size,
             seed=self._seed(self.progress.step), repeat=True, shuffle_buffer=data.shuffle_buffer,
-            augment=self.augment, image_size=self.image_size, permute=self.permute,
+            augment=self.augment, image_size=self.image_size, permute=self.permute, cache_mb=data.cache_mb,
         )
         per_rank = self.finetune.batch_size // self.world_size
         return _infinite(make_loader(dataset, per_rank, data.loader_workers, pin_memory=self.device.type == "cuda"))

@@ -209,6 +209,7 @@ class Trainer:
             world_size=self.world_size, seed=self._seed(self.progress.step), repeat=True,
             shuffle_buffer=data.shuffle_buffer, augment=data.augment, image_size=self.image_size,
             permute=permute_spec(data), on_error=data.on_error, verify_checksums=data.verify_checksums,
+            cache_mb=data.cache_mb,
         )
         self.datasets.append(dataset)
         per_rank = self.trial.train.batch_size // self.world_size
@@ -219,7 +220,7 @@ class Trainer:
         dataset = ShardDataset(
             fraction_slices(self.val_manifest, 1.0), train=False, rank=self.rank, world_size=self.world_size,
             augment=data.augment, image_size=self.image_size, permute=permute_spec(data), on_error=data.on_error,
-            verify_checksums=data.verify_checksums,
+            verify_checksums=data.verify_checksums, cache_mb=data.cache_mb,
         )
         self.datasets.append(dataset)
         return make_loader(dataset, self.trial.train.batch_size // self.world_size, data.loader_workers)
