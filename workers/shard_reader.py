@@ -262,8 +262,12 @@ def _shuffled(items: Iterable, buffer_size: int, rng: random.Random) -> Iterator
 
 
 def to_tensor(image: np.ndarray) -> torch.Tensor:
-    """HxWx3 uint8 -> 3xHxW float32 in [-1, 1]."""
-    return torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32)).permute(2, 0, 1) / 127.5 - 1.0
+    """HxWx3 uint8 -> 3xHxW float32 in [-1, 1]: ``x / 127.5 - 1`` in place in one numpy buffer (per-sample torch
+    ops cost more than the arithmetic on a 16 px image)."""
+    array = np.ascontiguousarray(image.transpose(2, 0, 1), dtype=np.float32)
+    np.divide(array, np.float32(127.5), out=array)
+    np.subtract(array, np.float32(1.0), out=array)
+    return torch.from_numpy(array)
 
 
 class ShardDataset(IterableDataset):
