@@ -502,13 +502,18 @@ def needed_shorter_side(size: int, cfg: AugmentConfig, train: bool) -> int:
     return round(size / cfg.eval_crop_fraction)
 
 
-def train_view(image: Image.Image, size: int, cfg: AugmentConfig, rng: random.Random) -> np.ndarray:
+def train_view(image: Image.Image | np.ndarray, size: int, cfg: AugmentConfig, rng: random.Random) -> np.ndarray:
     """The training view, size x size x 3 uint8: crop, then flip, then RandAugment (big_vision's pp order).
 
     crop "inception": :func:`inception_crop` (area ``cfg.area_min``..1); "pad": a non-square or other-size image
     is first brought to size x size by :func:`eval_view` at crop fraction 1, then :func:`pad_crop`; "none": the
-    evaluation view (:func:`eval_view` at ``cfg.eval_crop_fraction``).
+    evaluation view (:func:`eval_view` at ``cfg.eval_crop_fraction``). ``image`` may be an RGB HxWx3 uint8 array
+    (the shard reader's memory cache holds them so): it is never written to.
     """
+    if isinstance(image, np.ndarray):
+        if cfg.crop == "pad" and image.shape[:2] == (size, size):
+            return _flip_randaug(pad_crop(image, cfg.pad, rng), cfg, rng)
+        image = Image.fromarray(image)
     image = _rgb(image)
     if cfg.crop == "inception":
         array = np.asarray(inception_crop(image, size, rng, area_min=cfg.area_min))
@@ -518,6 +523,10 @@ def train_view(image: Image.Image, size: int, cfg: AugmentConfig, rng: random.Ra
         array = pad_crop(np.asarray(image), cfg.pad, rng)
     else:
         array = np.asarray(eval_view(image, size, cfg.eval_crop_fraction))
+    return _flip_randaug(array, cfg, rng)
+
+
+def _flip_randaug(array: np.ndarray, cfg: AugmentConfig, rng: random.Random) -> np.ndarray:
     if cfg.flip:
         array = flip_lr(array, rng)
     if cfg.randaug is not None:
@@ -525,8 +534,11 @@ def train_view(image: Image.Image, size: int, cfg: AugmentConfig, rng: random.Ra
     return np.ascontiguousarray(array, dtype=np.uint8)
 
 
-def eval_array(image: Image.Image, size: int, cfg: AugmentConfig) -> np.ndarray:
-    """The deterministic view for validation, test and few-shot: :func:`eval_view` as a size x size x 3 uint8."""
+def eval_array(image: Image.Image | np.ndarray, size: int, cfg: AugmentConfig) -> np.ndarray:
+    """The deterministic view for validation, test and few-shot: :func:`eval_view` as a size x size x 3 uint8
+    (``image``: a PIL image or an RGB HxWx3 uint8 array)."""
+    if isinstance(image, np.ndarray):
+        image = Image.fromarray(image)
     return np.ascontiguousarray(np.asarray(eval_view(_rgb(image), size, cfg.eval_crop_fraction)), dtype=np.uint8)
 
 
