@@ -103,6 +103,11 @@ def test_one_finished_run_per_grid_point(study: dict) -> None:
         assert m["compute/images_seen"] == 60 * 32  # matched steps across fractions
     epochs = {r.data.tags["mixer.trial"]: r.data.metrics["compute/epochs"] for r in trials}
     assert epochs["variant=Nano-4,fraction=0.1"] > 5 * epochs["variant=Nano-4,fraction=1.0"]
+    # Tune runs a trial after another in a reused driver process (reuse_actors); each trial's logged start is its
+    # own, not the process's, so no more trials overlap in time than the study runs at once (1 fits, 1 starts early).
+    spans = [(r.data.metrics["time/trial_start_unix"], r.data.metrics["time/trial_end_unix"]) for r in trials]
+    assert all(start < end for start, end in spans)
+    assert max(sum(s <= t < e for s, e in spans) for t, _ in spans) <= 2, spans
 
 
 def test_second_driver_is_refused_while_the_first_runs(study: dict) -> None:
