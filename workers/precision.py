@@ -6,9 +6,9 @@ runs at 0.7 GFLOP/s against 58 GFLOP/s in fp32, and a Micro-4 training step is ~
 CPUs with AMX-BF16 or AVX512-BF16 (and CUDA GPUs with bf16) run it faster than fp32. So ``auto`` asks the hardware.
 
 compile: inductor fuses the LayerNorms, GELUs, bias and residual additions around the matmuls. On an H100 that made
-bf16 training steps 1.3-1.6x faster for a 25-45 s compile; on a 2-core CPU the gain is small against a compile of
-tens of seconds, which a CPU-sized trial does not win back (docs/benchmarks.md "torch.compile"). So ``auto``
-compiles on CUDA only.
+bf16 training steps 1.5-1.75x faster for a 20-40 s compile; on the 2-core AVX2 CPU the compiled S-32 and B-16 steps
+were 1-3 % slower than eager, after a 60-70 s compile (docs/benchmarks.md "Against timm"). So ``auto`` compiles on
+CUDA only.
 """
 
 from __future__ import annotations
