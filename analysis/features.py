@@ -12,11 +12,11 @@ import torch
 
 from analysis.fewshot import fewshot_metrics, linear_fewshot
 from workers.config import AugmentConfig
-from workers.fractions import prefix_slices
-from workers.manifest import load_manifest
-from workers.permute import PermuteSpec
-from workers.registry import Model
-from workers.shard_reader import ShardDataset, make_loader
+from workers.data.fractions import prefix_slices
+from workers.data.manifest import load_manifest
+from workers.data.permute import PermuteSpec
+from workers.data.reader import ShardDataset, make_loader
+from workers.models.registry import Model
 
 
 @torch.inference_mode()
@@ -26,7 +26,8 @@ def extract_features(
 ) -> tuple[np.ndarray, np.ndarray]:
     """(features (N, C) float32, labels (N,) int64) of the first ``num_samples`` samples (all for None) of a split,
     in eval mode, through the evaluation view (resize the shorter side to size/crop_fraction, central crop), with
-    the pixels moved by ``permute`` (``workers.permute.permute_spec(trial.data)``: the one the model trained on)."""
+    the pixels moved by ``permute`` (``workers.data.permute.permute_spec(trial.data)``: the one the model trained
+    on)."""
     manifest = load_manifest(manifest_url)
     dataset = ShardDataset(prefix_slices(manifest, num_samples), train=False, image_size=model.image_size,
                            augment=AugmentConfig(eval_crop_fraction=crop_fraction), permute=permute)

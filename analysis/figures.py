@@ -25,11 +25,12 @@ from matplotlib.patches import Patch
 from matplotlib.ticker import NullFormatter
 
 from analysis.pareto import pareto_front
-from workers.registry import FAMILIES, Variant, get_variant
+from workers.models.registry import FAMILIES, Variant, get_variant
 
 logger = logging.getLogger(__name__)
 
-# Styles follow the paper's grouping of models (workers.registry kinds): Mixer, attention (ViT), convolution (BiT).
+# Styles follow the paper's grouping of models (workers.models.registry kinds): Mixer, attention (ViT), convolution
+# (BiT).
 # Colour: one hue per kind (Mixer red, attention blue, convolution green), darker the larger the size (the registry's
 # size_rank, one scale across families), fixed by the name, so a variant looks the same in every figure whatever
 # subset of the data is shown. Names no parser knows get a spare colour (tab10 hues other than those three).
@@ -57,7 +58,8 @@ _LABELS = {
 
 
 def _parse(variant: object) -> Variant | None:
-    """The variant named by ``variant`` (workers.registry's one parser, every family), or None if it names none."""
+    """The variant named by ``variant`` (workers.models.registry's one parser, every family), or None if it names
+    none."""
     try:
         return get_variant(variant) if isinstance(variant, str) else None
     except ValueError:
@@ -365,7 +367,7 @@ def fig4_permutation(df: pd.DataFrame, out_dir: str | Path, quality: str = "fews
     pixels inside every patch permuted with one shared permutation), pixels (global pixel permutation); each
     bar is the mean `quality` of that model's trials (min..max error bar if several) with its change relative to
     the original images. The paper's finding: Mixer's bars for none and patches match (it is exactly invariant
-    to `patches` when its patch size is the permutation's, see workers.permute); under pixels Mixer drops less
+    to `patches` when its patch size is the permutation's, see workers.data.permute); under pixels Mixer drops less
     than the ResNet.
     """
     return _save(_build_fig4(df, quality), out_dir, f"fig4_permutation_{quality}")

@@ -14,7 +14,7 @@ from mlflow.tracking import MlflowClient
 
 from analysis import figures
 from analysis.results import export, load_study
-from workers.track import ROLE_TAG, STUDY_TAG, tag_filter
+from workers.training.mlflow_logger import ROLE_TAG, STUDY_TAG, tag_filter
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +43,7 @@ def token_mixing_weights(checkpoint: str, blocks: int = 3) -> tuple[list[np.ndar
 
     ``checkpoint`` is a local folder or any fsspec URL (s3://...), which is copied to a temporary folder first.
     """
-    from workers.checkpoint import load_model
+    from workers.training.checkpoint import load_model
 
     if "://" in checkpoint:
         fs, path = fsspec.core.url_to_fs(checkpoint)

@@ -12,8 +12,8 @@ import numpy as np
 import pandas as pd
 from mlflow.tracking import MlflowClient
 
-from workers.registry import get_variant
-from workers.track import ROLE_TAG, STUDY_TAG, TRIAL_TAG, tag_filter
+from workers.models.registry import get_variant
+from workers.training.mlflow_logger import ROLE_TAG, STUDY_TAG, TRIAL_TAG, tag_filter
 
 # MLflow metric -> results column.
 METRICS = {
@@ -48,7 +48,7 @@ PARAMS = {
     "resources.cpus_per_worker": ("cpus_per_worker", int),
 }
 # ``family`` is the model family ("Mixer", "ViT", "BiT"), ``size`` its size ("B", "R50x1"), from the variant
-# (workers.registry); ``patch_size`` is empty for BiT.
+# (workers.models.registry); ``patch_size`` is empty for BiT.
 COLUMNS = ["study", "trial", "status", "run_id", "variant", "family", "size", "patch_size", "image_size", "fraction",
            "permute", "train_images", "steps", "batch_size", "epochs", "images_seen", "train_flops", "core_seconds",
            "cpu_seconds", "wall_seconds", "img_per_s_per_core", "train_img_per_s_per_core", "best_val_acc",

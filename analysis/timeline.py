@@ -1,7 +1,7 @@
 """Where a study's time goes: per-trial overhead and study goodput, from the timestamps every trial logs.
 
-Each trial logs (``pipeline.trial`` / ``workers.trainer``): ``time/trial_start_unix`` (its driver process started),
-``time/worker_start_unix`` (rank 0's process started: the trial got its cores), ``time/first_step_unix`` and
+Each trial logs (``pipeline.trial`` / ``workers.training.trainer``): ``time/trial_start_unix`` (its driver process
+started), ``time/worker_start_unix`` (rank 0's process started: the trial got its cores), ``time/first_step_unix`` and
 ``time/train_end_unix`` (the step loop of its last segment), and ``time/trial_end_unix`` (few-shot, fine-tuning and
 bookkeeping done), plus ``compute/train_seconds`` (time inside training steps).
 

@@ -26,10 +26,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline.bench import format_table, train_step_fn  # noqa: E402
 from workers.config import OptimConfig  # noqa: E402
-from workers.optim import build_optimizer  # noqa: E402
-from workers.precision import cpu_has_fast_bf16  # noqa: E402
-from workers.registry import build_model, forward_flops, train_flops_per_image  # noqa: E402
-from workers.throughput import measured_matmul_flops  # noqa: E402
+from workers.models.registry import build_model, forward_flops, train_flops_per_image  # noqa: E402
+from workers.training.optim import build_optimizer  # noqa: E402
+from workers.training.precision import cpu_has_fast_bf16  # noqa: E402
+from workers.training.throughput import measured_matmul_flops  # noqa: E402
 
 TIMM_NAMES = {"S-32": "mixer_s32_224", "S-16": "mixer_s16_224", "B-32": "mixer_b32_224", "B-16": "mixer_b16_224"}
 NUM_CLASSES = 1000

@@ -2,13 +2,14 @@
 
 Sections
 --------
-1. ``matmul``: the measured matmul ceiling per dtype (``workers.throughput.measured_matmul_flops``) at the bench's
+1. ``matmul``: the measured matmul ceiling per dtype (``workers.training.throughput.measured_matmul_flops``) at the
+bench's
    thread count. bf16 is always measured; where it is slow (a CPU without AMX/AVX512-BF16) it is marked so.
 2. ``train_step`` and ``inference``: img/s (img/s/core on CPU), best over a batch-size sweep, with the achieved
    FLOP/s and the utilisation = achieved FLOP/s / the measured matmul FLOP/s of the same dtype (and, on a GPU
    with a known spec sheet, the MFU against it). The training step is the one trials run (``train_step_fn``:
    ``set_lr`` + autocast forward + the sigmoid loss + ``clip_by_global_norm`` + AdamW from ``build_optimizer``),
-   on synthetic data already on the device; any family of ``workers.registry``.
+   on synthetic data already on the device; any family of ``workers.models.registry``.
 3. ``loader``: samples/s of ONE loader process (``ShardDataset`` + ``make_loader``, ``num_workers=0``) on digits at
    16 px with the CPU studies' pad crop, and on synthetic 224 px JPEGs (256 px shorter side) with the paper's
    augmentation (inception crop, flip, RandAugment(2, 15)); then the loader-vs-in-memory step ratio of a small
@@ -50,10 +51,10 @@ import torch
 import torch.nn.functional as F
 
 from workers.config import AugmentConfig, DataConfig, ModelConfig, OptimConfig, head_bias
-from workers.optim import build_optimizer
-from workers.precision import cpu_has_fast_bf16
-from workers.registry import build_model, check_fits, forward_flops, get_variant, train_flops_per_image
-from workers.trainer import optimizer_update
+from workers.models.registry import build_model, check_fits, forward_flops, get_variant, train_flops_per_image
+from workers.training.optim import build_optimizer
+from workers.training.precision import cpu_has_fast_bf16
+from workers.training.trainer import optimizer_update
 
 __all__ = [
     "BenchConfig",
@@ -80,7 +81,7 @@ SLOW_CALL_S = 3.0
 SLOW_BF16_MIN_FACTOR = 4
 DIGITS_SIZE = 16  # the demo's digits resolution
 DIGITS_PAD = 1  # studies/demo.yaml: crop pad 1 at 16 px
-CACHE_MB = DataConfig.model_fields["cache_mb"].default  # the trials' default memory cache (workers.shard_reader)
+CACHE_MB = DataConfig.model_fields["cache_mb"].default  # the trials' default memory cache (workers.data.reader)
 PAPER_AUGMENT = AugmentConfig(crop="inception", flip=True, randaug=(2, 15))  # big_vision mlp_mixer_i1k.py
 JPEG_SIZE = 224
 JPEG_SHORTER_SIDE = 256
@@ -287,8 +288,8 @@ def machine_info(device: torch.device, threads: int) -> dict[str, Any]:
 
 
 def _spec_peak(device: torch.device, precision: str) -> float | None:
-    """The spec-sheet dense peak of a known GPU (``workers.throughput.GPU_PEAK_FLOPS``), else None."""
-    from workers.throughput import GPU_PEAK_FLOPS
+    """The spec-sheet dense peak of a known GPU (``workers.training.throughput.GPU_PEAK_FLOPS``), else None."""
+    from workers.training.throughput import GPU_PEAK_FLOPS
 
     if device.type != "cuda":
         return None
@@ -328,7 +329,7 @@ def _cells(config: BenchConfig) -> list[tuple[str, int, tuple[int, ...]]]:
 
 def bench_matmul(config: BenchConfig, device: torch.device, write: Write) -> dict:
     """FLOP/s of a square matmul in fp32 and bf16 on ``device`` at the bench's thread count."""
-    from workers.throughput import measured_matmul_flops
+    from workers.training.throughput import measured_matmul_flops
 
     size, fast = config.matmul_size, bf16_is_fast(device)
     rows = []
@@ -366,10 +367,12 @@ def train_step_fn(
     loss: str = "sigmoid",
     forward: Callable | None = None,
 ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    """``step(images, labels) -> loss``: one optimiser update as ``workers.trainer.Trainer.train_step`` makes it.
+    """``step(images, labels) -> loss``: one optimiser update as ``workers.training.trainer.Trainer.train_step``
+    makes it.
 
     The Trainer's step without mixup (off in the CPU studies): the batch to the device, one-hot targets, then the
-    same ``workers.trainer.optimizer_update`` (schedule, autocast forward, sigmoid loss by default, backward, exact
+    same ``workers.training.trainer.optimizer_update`` (schedule, autocast forward, sigmoid loss by default,
+    backward, exact
     clipping, AdamW). ``forward`` replaces the model's call (a ``torch.compile``'d module); parameters and clipping
     stay on ``model``. The step counter wraps at
     ``total_steps`` so the schedule stays in range however long it is timed. tests/test_bench.py checks that it
@@ -523,9 +526,9 @@ def bench_train_step(config: BenchConfig, device: torch.device, matmul: dict, wr
          for r in rows])
     return {"num_classes": NUM_CLASSES, "threads": config.threads, "device": str(device), "rows": rows,
             "skipped": skipped, "table": table,
-            "notes": "train FLOPs = 3x forward (workers.registry.train_flops_per_image); util = achieved FLOP/s / "
-                     "measured matmul FLOP/s of the same dtype (section matmul); bf16 SLOW rows: one batch size "
-                     "only, bf16/fp32 time = step time ratio at that batch size"}
+            "notes": "train FLOPs = 3x forward (workers.models.registry.train_flops_per_image); util = "
+                     "achieved FLOP/s / measured matmul FLOP/s of the same dtype (section matmul); bf16 SLOW rows: "
+                     "one batch size only, bf16/fp32 time = step time ratio at that batch size"}
 
 
 def _inference_batches(config: BenchConfig, fwd_flops: float, rate: float) -> tuple[tuple[int, ...], list[int]]:
@@ -538,7 +541,7 @@ def _inference_batches(config: BenchConfig, fwd_flops: float, rate: float) -> tu
 
 def bench_inference(config: BenchConfig, device: torch.device, matmul: dict, write: Write) -> dict:
     """Best forward img/s (img/s/core on CPU) over the batch sweep per variant: fp32, and bf16 where it is fast."""
-    from workers.throughput import inference_throughput
+    from workers.training.throughput import inference_throughput
 
     precisions = ("fp32", "bf16") if bf16_is_fast(device) else ("fp32",)
     rows, skipped = [], []
@@ -589,7 +592,7 @@ def _synthetic_photo(rng: np.random.Generator, height: int, width: int) -> np.nd
 
 
 def _write_jpegs(out_dir: str, count: int):
-    from workers.shard_writer import write_split
+    from workers.data.writer import write_split
 
     rng = np.random.default_rng(0)
     samples = ((_synthetic_photo(rng, *JPEG_SHAPES[i % len(JPEG_SHAPES)]), i % NUM_CLASSES) for i in range(count))
@@ -598,8 +601,8 @@ def _write_jpegs(out_dir: str, count: int):
 
 
 def _digits_section(config: BenchConfig, manifest, write: Write) -> dict:
-    from workers.fractions import fraction_slices
-    from workers.shard_reader import ShardDataset, decode_image, iter_samples, make_loader
+    from workers.data.fractions import fraction_slices
+    from workers.data.reader import ShardDataset, decode_image, iter_samples, make_loader
 
     augment = AugmentConfig(crop="pad", pad=DIGITS_PAD)
     full, tenth = fraction_slices(manifest, 1.0), fraction_slices(manifest, 0.1)
@@ -632,8 +635,8 @@ def _digits_section(config: BenchConfig, manifest, write: Write) -> dict:
 
 
 def _jpeg_section(config: BenchConfig, tmp: str, write: Write) -> dict:
-    from workers.fractions import fraction_slices
-    from workers.shard_reader import ShardDataset, decode_pil, iter_samples, make_loader
+    from workers.data.fractions import fraction_slices
+    from workers.data.reader import ShardDataset, decode_pil, iter_samples, make_loader
 
     write(f"[bench] loader: writing {config.jpeg_images} synthetic JPEGs ({JPEG_SHORTER_SIDE} px shorter side) ...")
     manifest = _write_jpegs(tmp, config.jpeg_images)
@@ -663,8 +666,8 @@ def _jpeg_section(config: BenchConfig, tmp: str, write: Write) -> dict:
 def _ratio_section(config: BenchConfig, manifest, device: torch.device, loader_rate: float, write: Write) -> dict:
     """N steps fed by the real loader (in the training process, as ``data.loader_workers: 0``) vs N steps on one
     pre-built batch; the same model, optimiser and step, interleaved pass by pass."""
-    from workers.fractions import fraction_slices
-    from workers.shard_reader import ShardDataset, make_loader
+    from workers.data.fractions import fraction_slices
+    from workers.data.reader import ShardDataset, make_loader
 
     name = get_variant(config.ratio_variant).name
     model = _build(name, DIGITS_SIZE, device)
@@ -702,7 +705,7 @@ def _ratio_section(config: BenchConfig, manifest, device: torch.device, loader_r
 
 def bench_loader(config: BenchConfig, device: torch.device, train_rows: list[dict], write: Write) -> dict:
     """Per-process loader rates (digits 16 px, 224 px JPEG), the loader-vs-in-memory ratio, processes needed."""
-    from workers.shard_writer import shards_from_digits
+    from workers.data.writer import shards_from_digits
 
     with tempfile.TemporaryDirectory(prefix="mixer-bench-") as tmp:
         write(f"[bench] loader: writing digits shards ({DIGITS_SIZE} px) ...")
@@ -778,7 +781,7 @@ def bench_orchestration(config: BenchConfig, write: Write) -> dict:
     import yaml
 
     from analysis.timeline import study_goodput
-    from workers.shard_writer import shards_from_digits
+    from workers.data.writer import shards_from_digits
 
     name = "bench-orchestration"
     with tempfile.TemporaryDirectory(prefix="mixer-bench-orch-") as tmp:
@@ -829,7 +832,7 @@ def bench_fewshot(config: BenchConfig, device: torch.device, write: Write) -> di
     k on synthetic 10-class Gaussian features."""
     from analysis.features import extract_features
     from analysis.fewshot import linear_fewshot
-    from workers.shard_writer import shards_from_digits
+    from workers.data.writer import shards_from_digits
 
     name = get_variant(config.fewshot_variant).name
     model = _build(name, DIGITS_SIZE, device)

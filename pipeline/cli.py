@@ -27,7 +27,7 @@ import yaml
 
 
 def _models(args: argparse.Namespace) -> None:
-    from workers.registry import FAMILIES, check_fits, forward_flops, param_count, shape_summary
+    from workers.models.registry import FAMILIES, check_fits, forward_flops, param_count, shape_summary
 
     size, classes = args.image_size, args.num_classes
     print(f"model variants of every family (image size {size}, {classes} classes; S = tokens)")
@@ -46,10 +46,10 @@ def _models(args: argparse.Namespace) -> None:
 
 
 def _shards(args: argparse.Namespace) -> None:
-    from workers.shard_writer import shards_from_digits, shards_from_imagefolder
+    from workers.data.writer import shards_from_digits, shards_from_imagefolder
 
     if args.source == "wds":  # an existing WebDataset corpus: index it in place, or --reshard it shuffled
-        from workers.wds_index import index_webdataset, reshard
+        from workers.data.wds_index import index_webdataset, reshard
 
         if not args.root:
             raise SystemExit("mixer-study shards --from wds needs --root 'URL-{000000..001023}.tar' (a brace pattern)")
@@ -162,7 +162,7 @@ def _train(args: argparse.Namespace) -> None:
 
 def _fewshot(args: argparse.Namespace) -> None:
     from analysis.features import fewshot_for_model
-    from workers.checkpoint import load_model, read_permute
+    from workers.training.checkpoint import load_model, read_permute
 
     train = args.train or (f"{args.data.rstrip('/')}/train" if args.data else None)
     test = args.test or (f"{args.data.rstrip('/')}/test" if args.data else None)

@@ -12,9 +12,9 @@ from typing import Any
 
 from pipeline.spec import StudyError, StudySpec, trial_name
 from workers.config import TrialConfig, flatten
-from workers.fractions import class_counts, subset_size
-from workers.manifest import Manifest, load_manifest
-from workers.registry import check_fits, forward_flops, get_variant, train_flops_per_image
+from workers.data.fractions import class_counts, subset_size
+from workers.data.manifest import Manifest, load_manifest
+from workers.models.registry import check_fits, forward_flops, get_variant, train_flops_per_image
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,7 @@ from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT, MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 
 from pipeline.spec import StudyError
-from workers.track import ROLE_TAG, STUDY_TAG, TRIAL_TAG, fail_fast_http, tag_filter
+from workers.training.mlflow_logger import ROLE_TAG, STUDY_TAG, TRIAL_TAG, fail_fast_http, tag_filter
 
 log = logging.getLogger(__name__)
 
@@ -160,7 +160,7 @@ def log_params(client: MlflowClient, run_id: str, params: dict[str, Any]) -> Non
 
 @dataclass(frozen=True)
 class DataSplit:
-    """One data split a trial uses, as plain values (no dependency on ``workers.manifest``).
+    """One data split a trial uses, as plain values (no dependency on ``workers.data.manifest``).
 
     ``context`` is the split's role in the trial ("train", "val", "fewshot-train", "fewshot-test"); ``url`` the
     manifest's URL; ``shard_sha256`` the manifest's shard checksums in shard order; ``num_samples`` the samples the

@@ -1,5 +1,5 @@
-"""One trial: TrialConfig -> ``TorchTrainer(workers.train.train_loop_per_worker).fit()`` -> few-shot on the best
-checkpoint -> MLflow. Used as the Ray Tune function trainable and by ``mixer-study train`` on its own.
+"""One trial: TrialConfig -> ``TorchTrainer(workers.training.ray_entry.train_loop_per_worker).fit()`` -> few-shot on
+the best checkpoint -> MLflow. Used as the Ray Tune function trainable and by ``mixer-study train`` on its own.
 
 Ray Train V2 resumes by run name: a ``TorchTrainer`` whose ``RunConfig(name, storage_path)`` points at an
 existing run restarts from that run's latest checkpoint. Trial names are deterministic, so a restarted trial
@@ -26,14 +26,22 @@ import ray.train
 from mlflow.entities import RunStatus
 from ray.train.torch import TorchTrainer
 
-from pipeline.finetune import run_finetune
+from pipeline.finetune_sweep import run_finetune
 from pipeline.spec import StudyError, StudySpec
 from pipeline.tracking import DataSplit, checkpoint_uri, experiment_id, log_dataset_inputs, trial_run
 from pipeline.trial_worker import trial_loop_per_worker
 from workers.config import TrialConfig, flat_defaults, flatten
-from workers.fractions import subset_size
-from workers.manifest import Manifest, load_manifest
-from workers.track import ROLE_TAG, STUDY_TAG, TRIAL_TAG, RunLogger, fail_fast_http, replay_spool, tag_filter
+from workers.data.fractions import subset_size
+from workers.data.manifest import Manifest, load_manifest
+from workers.training.mlflow_logger import (
+    ROLE_TAG,
+    STUDY_TAG,
+    TRIAL_TAG,
+    RunLogger,
+    fail_fast_http,
+    replay_spool,
+    tag_filter,
+)
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +82,7 @@ def make_job(spec: StudySpec, name: str, config: TrialConfig, point: dict[str, A
 
 def best_checkpoint(result: ray.train.Result) -> tuple[ray.train.Checkpoint, dict[str, Any]]:
     """Early stopping as the paper does it: the checkpoint with the best upstream val/acc; of equal ones the latest,
-    which is the one Ray Train's retention keeps (and the rule workers.trainer applies)."""
+    which is the one Ray Train's retention keeps (and the rule workers.training.trainer applies)."""
     candidates = [(c, m) for c, m in (result.best_checkpoints or []) if "val/acc" in m]
     if not candidates:
         raise RuntimeError(f"trial run {result.path} reported no checkpoint with val/acc")
@@ -223,7 +231,7 @@ def run_trial(job_dict: dict[str, Any], in_tune: bool = False) -> dict[str, floa
 _previous_trial_end = 0.0
 
 
-SPOOL = "mlflow-spool"  # folder name of the MLflow records that wait for the store (workers.track)
+SPOOL = "mlflow-spool"  # folder name of the MLflow records that wait for the store (workers.training.mlflow_logger)
 
 
 def spool_url(trial_storage: str, name: str) -> str:

@@ -1,5 +1,5 @@
-"""The function every Ray Train worker of a trial runs: pre-training (``workers.train``) and then, on rank 0 with
-the worker's reserved cores and before the worker group exits, the linear few-shot evaluation of the best
+"""The function every Ray Train worker of a trial runs: pre-training (``workers.training.ray_entry``) and then, on
+rank 0 with the worker's reserved cores and before the worker group exits, the linear few-shot evaluation of the best
 checkpoint (``analysis.features``).
 
 It lives in ``pipeline`` because it joins ``workers`` and ``analysis`` (imports go pipeline -> analysis -> workers),
@@ -14,8 +14,8 @@ from torch import nn
 
 from analysis.features import fewshot_for_model
 from workers.config import TrialConfig
-from workers.permute import permute_spec
-from workers.train import train_loop_per_worker
+from workers.data.permute import permute_spec
+from workers.training.ray_entry import train_loop_per_worker
 
 
 def fewshot_of_model(model: nn.Module, trial: TrialConfig) -> dict[str, float]:
@@ -29,5 +29,5 @@ def fewshot_of_model(model: nn.Module, trial: TrialConfig) -> dict[str, float]:
 
 
 def trial_loop_per_worker(config: dict[str, Any]) -> None:
-    """Ray Train entry point of a trial (``config`` as ``workers.train.train_loop_per_worker``)."""
+    """Ray Train entry point of a trial (``config`` as ``workers.training.ray_entry.train_loop_per_worker``)."""
     train_loop_per_worker(config, evaluate_best=fewshot_of_model)

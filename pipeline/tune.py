@@ -31,7 +31,7 @@ from pipeline.progress import StudyProgress
 from pipeline.spec import StudyError, StudySpec, parse_study
 from pipeline.tracking import connect_tracking, experiment_id, redact_url, resolve_tracking_uri, study_run
 from pipeline.trial import SPOOL, make_job, run_trial
-from workers.track import fail_fast_http, replay_spool, spool_files, write_spool
+from workers.training.mlflow_logger import fail_fast_http, replay_spool, spool_files, write_spool
 
 DEFAULT_STORAGE = "runs"
 # The trial driver needs no CPU: Ray rejects an all-zero request ("empty head"), so ask for a token of memory.

@@ -17,7 +17,7 @@ import pytest
 import yaml
 
 from workers.config import TrialConfig
-from workers.shard_writer import shards_from_digits
+from workers.data.writer import shards_from_digits
 
 CLI = [sys.executable, "-m", "pipeline.cli"]
 REPO = Path(__file__).resolve().parents[1]

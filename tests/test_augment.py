@@ -1,4 +1,4 @@
-"""workers.augment: big_vision's inception crop / eval view / RandAugment / mixup, each checked against an
+"""workers.data.augment: big_vision's inception crop / eval view / RandAugment / mixup, each checked against an
 independent numpy computation of what the TF op does (not against the implementation's own helpers)."""
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ import pytest
 import torch
 from PIL import Image
 
-from workers import augment as A
 from workers.config import AugmentConfig
+from workers.data import augment as A
 
 
 def _random_image(h: int, w: int, seed: int = 0) -> np.ndarray:

@@ -16,8 +16,8 @@ from pipeline.bench import orchestration_study, quick_config, run_benchmarks, tr
 from pipeline.plan import plan_study
 from pipeline.spec import parse_study
 from workers.config import TrialConfig
-from workers.optim import build_optimizer
-from workers.trainer import Trainer
+from workers.training.optim import build_optimizer
+from workers.training.trainer import Trainer
 
 SECTIONS = ("matmul", "train_step", "inference", "loader", "orchestration", "fewshot")
 

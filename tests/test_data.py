@@ -1,4 +1,4 @@
-"""workers.manifest / shard_writer / fractions / shard_reader: shard writing/reading round trips, nested fractions,
+"""workers.data.manifest / shard_writer / fractions / shard_reader: shard writing/reading round trips, nested fractions,
 rank partitioning, s3:// via a moto server."""
 
 from __future__ import annotations
@@ -21,12 +21,12 @@ import pytest
 import torch
 from PIL import Image
 
-from workers import shard_writer
 from workers.config import AugmentConfig
-from workers.fractions import fraction_slices, subset_size
-from workers.manifest import load_manifest, verify_manifest
-from workers.shard_reader import ShardDataset, decode_image, epoch_share, iter_samples, make_loader
-from workers.shard_writer import shards_from_digits, shards_from_imagefolder
+from workers.data import writer as shard_writer
+from workers.data.fractions import fraction_slices, subset_size
+from workers.data.manifest import load_manifest, verify_manifest
+from workers.data.reader import ShardDataset, decode_image, epoch_share, iter_samples, make_loader
+from workers.data.writer import shards_from_digits, shards_from_imagefolder
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -469,7 +469,7 @@ def test_s3_round_trip(s3_digits):
 def test_s3_endpoint_from_environment(s3_endpoint, s3_digits):
     """The documented way for Ray workers: FSSPEC_S3_ENDPOINT_URL in a fresh process's environment."""
     env = {**os.environ, "FSSPEC_S3_ENDPOINT_URL": s3_endpoint, "PYTHONPATH": str(REPO)}
-    code = "from workers.manifest import load_manifest; print(load_manifest('s3://shards/digits/val').num_samples)"
+    code = "from workers.data.manifest import load_manifest; print(load_manifest('s3://shards/digits/val').num_samples)"
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert int(out.stdout) == s3_digits["val"].num_samples

@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from workers.fractions import fraction_slices
-from workers.manifest import load_manifest
-from workers.shard_reader import ChecksumError, DataError, ShardDataset, make_loader
-from workers.shard_writer import shards_from_digits
+from workers.data.fractions import fraction_slices
+from workers.data.manifest import load_manifest
+from workers.data.reader import ChecksumError, DataError, ShardDataset, make_loader
+from workers.data.writer import shards_from_digits
 
 
 @pytest.fixture(scope="module")
@@ -129,7 +129,7 @@ def test_fewer_shards_than_ranks_times_loader_workers(clean: Path) -> None:
     assert len(keys) == 20 == len(set(keys))
 
 
-# --- the memory cache (workers.shard_reader): what it keeps, and that it changes nothing ---------------------------
+# --- the memory cache (workers.data.reader): what it keeps, and that it changes nothing ---------------------------
 
 
 def _epochs(dataset: ShardDataset, epochs: int) -> list[list[tuple[str, bytes]]]:

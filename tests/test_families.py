@@ -1,4 +1,5 @@
-"""Tests for the model families beside Mixer (workers/vit.py, workers/bit.py) and their registry (workers/registry.py).
+"""Tests for the model families beside Mixer (workers/models/vit.py, workers/models/bit.py) and their registry
+(workers/models/registry.py).
 
 Big models are built on the meta device (shapes only, no memory); FLOPs are counted there too, where
 ``F.scaled_dot_product_attention`` decomposes into batched matmuls that ``FlopCounterMode`` counts.
@@ -23,13 +24,11 @@ from analysis import figures
 from pipeline.plan import plan_study
 from pipeline.spec import StudyError, parse_study
 from tests.conftest import study_dict
-from workers import registry
-from workers.bit import BiTVariant, ResNetV2, StdConv2d
-from workers.checkpoint import load_model, write_checkpoint
 from workers.config import ModelConfig
-from workers.model import MlpMixer
-from workers.optim import decay_mask
-from workers.registry import (
+from workers.models import registry
+from workers.models.bit import BiTVariant, ResNetV2, StdConv2d
+from workers.models.mixer import MlpMixer
+from workers.models.registry import (
     FAMILIES,
     NAMED_VARIANTS,
     build_model,
@@ -39,7 +38,9 @@ from workers.registry import (
     param_count,
     train_flops_per_image,
 )
-from workers.vit import VisionTransformer, ViTVariant
+from workers.models.vit import VisionTransformer, ViTVariant
+from workers.training.checkpoint import load_model, write_checkpoint
+from workers.training.optim import decay_mask
 
 # timm's parameter counts of the same architectures, 1000-class head, 224 px (paper-notes "Baselines").
 TIMM_PARAMS = {

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from workers.optim import classification_loss
-from workers.precision import compile_model, resolve_compile, resolve_precision
-from workers.registry import build_model
+from workers.models.registry import build_model
+from workers.training.optim import classification_loss
+from workers.training.precision import compile_model, resolve_compile, resolve_precision
 
 
 def _model(variant: str = "Nano-4") -> torch.nn.Module:
@@ -77,7 +77,7 @@ def test_auto_choices_per_device():
 def test_trainer_on_cuda_takes_the_fast_path(digits16: Path):
     """On a GPU, ``auto`` means bf16 autocast and a compiled step; its losses follow the eager bf16 step's."""
     from workers.config import TrialConfig
-    from workers.trainer import Trainer
+    from workers.training.trainer import Trainer
 
     def config(compile_mode):
         return TrialConfig.model_validate({

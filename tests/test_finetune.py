@@ -11,21 +11,21 @@ import pytest
 import torch
 from torch import nn
 
-from pipeline.finetune import select_lr
-from workers.checkpoint import read_state, write_checkpoint
+from pipeline.finetune_sweep import select_lr
 from workers.config import TrialConfig
-from workers.finetune import FineTuner, cosine_multiplier
-from workers.model import MlpMixer, forward_flops
-from workers.registry import build_model
-from workers.registry import forward_flops as registry_forward_flops
-from workers.resolution import (
+from workers.models.mixer import MlpMixer, forward_flops
+from workers.models.registry import build_model
+from workers.models.registry import forward_flops as registry_forward_flops
+from workers.models.resolution import (
     GroupedPatchStem,
     grouped_token_order,
     mixer_to_resolution,
     resample_pos_embed,
     to_resolution,
 )
-from workers.trainer import Trainer
+from workers.training.checkpoint import read_state, write_checkpoint
+from workers.training.finetuner import FineTuner, cosine_multiplier
+from workers.training.trainer import Trainer
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -1,4 +1,4 @@
-"""Tests for workers/model.py: sizes, costs, init, token mixing and stochastic depth."""
+"""Tests for workers/models/mixer.py: sizes, costs, init, token mixing and stochastic depth."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 from torch.utils.flop_counter import FlopCounterMode
 
-from workers.model import (
+from workers.models.mixer import (
     SIZES,
     VARIANTS,
     MixerBlock,
@@ -328,7 +328,7 @@ def test_block_draws_separate_masks_per_branch(monkeypatch):
         calls.append((tuple(x.shape), rate, training))
         return drop_path(x, rate, training)
 
-    monkeypatch.setattr("workers.model.drop_path", recording_drop_path)
+    monkeypatch.setattr("workers.models.mixer.drop_path", recording_drop_path)
     model = build_model("Nano-4", 8, 10, stoch_depth=0.2).train()
     model(torch.randn(3, 3, 8, 8))
     # Two draws per block (token branch, then channel branch); rates ramp as i / max(N - 1, 1) * stoch_depth.
@@ -353,7 +353,7 @@ def test_grad_checkpointing_matches(stoch_depth, monkeypatch):
         calls.append(kwargs)
         return checkpoint(function, *args, **kwargs)
 
-    monkeypatch.setattr("workers.model.checkpoint", counting_checkpoint)
+    monkeypatch.setattr("workers.models.mixer.checkpoint", counting_checkpoint)
     torch.manual_seed(0)
     model = build_model("Nano-4", 16, 10, stoch_depth=stoch_depth, head_bias_init=0.1).double().train()
     with torch.no_grad():

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from workers.config import OptimConfig, TrialConfig
-from workers.model import MlpMixer
-from workers.optim import (
+from workers.models.mixer import MlpMixer
+from workers.training.optim import (
     build_optimizer,
     classification_loss,
     clip_by_global_norm,

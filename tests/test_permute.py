@@ -1,5 +1,5 @@
-"""workers.permute (the paper's Fig. 4 input permutations): determinism, structure, the reader, and the property the
-paper relies on: a Mixer with consistently permuted stem and token-mixing weights is exactly invariant to the
+"""workers.data.permute (the paper's Fig. 4 input permutations): determinism, structure, the reader, and the property
+the paper relies on: a Mixer with consistently permuted stem and token-mixing weights is exactly invariant to the
 ``patches`` permutation."""
 
 from __future__ import annotations
@@ -12,11 +12,11 @@ import torch
 from pydantic import ValidationError
 
 from workers.config import AugmentConfig, DataConfig
-from workers.fractions import fraction_slices
-from workers.manifest import load_manifest
-from workers.model import build_model
-from workers.permute import apply_permutation, patch_permutations, permutation, permute_spec
-from workers.shard_reader import ShardDataset
+from workers.data.fractions import fraction_slices
+from workers.data.manifest import load_manifest
+from workers.data.permute import apply_permutation, patch_permutations, permutation, permute_spec
+from workers.data.reader import ShardDataset
+from workers.models.mixer import build_model
 
 
 @pytest.mark.parametrize("mode", ["none", "patches", "pixels"])
@@ -99,11 +99,11 @@ def _permute_batch(x: torch.Tensor, perm: np.ndarray) -> torch.Tensor:
 
 
 def test_mixer_with_permuted_weights_is_invariant_to_patches() -> None:
-    """The paper's Fig. 4 property (module docstring of workers.permute): stem kernel W'[:, :, q] = W[:, :, tau[q]]
+    """The paper's Fig. 4 property (module docstring of workers.data.permute): stem kernel W'[:, :, q] = W[:, :, tau[q]]
     and token-mixing fc1 columns, fc2 rows and fc2 bias permuted by sigma give f'(patches(x)) = f(x) exactly.
 
     Extends tests/test_model.py::test_consistent_token_permutation_is_invariant (patch order only) with the
-    within-patch permutation, on the production permutation of workers.permute."""
+    within-patch permutation, on the production permutation of workers.data.permute."""
     torch.manual_seed(0)
     n, p, seed = 16, 4, 5
     model = build_model("Micro-4", n, 10).double().eval()
@@ -170,7 +170,7 @@ def test_checkpoint_keeps_the_permutation_and_the_fewshot_verb_applies_it(digits
     (model.json), and `mixer-study fewshot` applies it without being told."""
     from analysis.features import extract_features, fewshot_for_model
     from tests.conftest import cli_env, run_cli
-    from workers.checkpoint import load_model, read_permute, write_checkpoint
+    from workers.training.checkpoint import load_model, read_permute, write_checkpoint
 
     torch.manual_seed(0)
     model = build_model("Nano-4", image_size=16, num_classes=10)

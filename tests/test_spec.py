@@ -10,8 +10,8 @@ import pytest
 from pipeline.plan import format_plan, plan_study
 from pipeline.spec import StudyError, load_study, parse_study, trial_name
 from tests.conftest import REPO, cli_env, run_cli, study_dict, write_study
-from workers.fractions import fraction_slices
-from workers.manifest import load_manifest
+from workers.data.fractions import fraction_slices
+from workers.data.manifest import load_manifest
 
 STUDIES = sorted((REPO / "studies").glob("*.yaml"))
 

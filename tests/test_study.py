@@ -15,7 +15,7 @@ from mlflow.tracking import MlflowClient
 from analysis import figures
 from analysis.results import load_study
 from tests.conftest import CLI, REPO, cli_env, duplicated_points, run_cli, study_dict, write_study
-from workers.checkpoint import load_model
+from workers.training.checkpoint import load_model
 
 NAME = "grid"
 # Families mixed in one grid: a Mixer and a ViT of the same CPU size (Fig. 2 right draws one curve per model).

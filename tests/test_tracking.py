@@ -24,7 +24,7 @@ from pipeline.tracking import (
     log_dataset_inputs,
     redact_url,
 )
-from workers.track import RunLogger
+from workers.training.mlflow_logger import RunLogger
 
 SHARDS = [f"{i:064x}" for i in range(4)]  # stand-ins for a manifest's shard sha256 list
 VAL_SHARDS = [f"{i + 100:064x}" for i in range(2)]
@@ -198,7 +198,7 @@ def test_a_broken_monitor_never_fails_training(
 
     monkeypatch.setattr(smm, "SystemMetricsMonitor", broken)
     run_id = client.create_run(experiment_id(client, "study-f")).info.run_id
-    with caplog.at_level(logging.WARNING, logger="workers.track"):
+    with caplog.at_level(logging.WARNING, logger="workers.training.mlflow_logger"):
         tracker = RunLogger(tracking_uri, run_id, system_metrics=True)
     assert "system metrics for run" in caplog.text
     tracker.log({"train/loss": 1.0}, 1)
@@ -213,8 +213,8 @@ def test_rerun_refused_for_an_edit_but_not_for_a_field_added_since(tracking_uri:
     from pipeline.spec import StudyError, parse_study
     from pipeline.trial import TrialJob, _params, make_job, refuse_changed_rerun
     from tests.conftest import study_dict
-    from workers.manifest import load_manifest
-    from workers.track import ROLE_TAG, STUDY_TAG, TRIAL_TAG
+    from workers.data.manifest import load_manifest
+    from workers.training.mlflow_logger import ROLE_TAG, STUDY_TAG, TRIAL_TAG
 
     spec = parse_study(study_dict("rerun", digits16))
     config = plan_study(spec)[0].config

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from workers.checkpoint import load_model, read_state, write_checkpoint
 from workers.config import TrialConfig
-from workers.trainer import Trainer
+from workers.training.checkpoint import load_model, read_state, write_checkpoint
+from workers.training.trainer import Trainer
 
 
 def _config(data: Path, **train) -> TrialConfig:
@@ -90,7 +90,7 @@ def test_cpu_accounting_includes_child_processes() -> None:
     import sys
     import time
 
-    from workers.trainer import process_tree_cpu_seconds
+    from workers.training.trainer import process_tree_cpu_seconds
 
     before, own_before = process_tree_cpu_seconds(), time.process_time()
     child = subprocess.Popen([sys.executable, "-c", "import time\nend = time.process_time() + 0.6\n"
@@ -110,7 +110,7 @@ def test_cpu_accounting_includes_child_processes() -> None:
 def test_fewshot_features_are_float32_and_capped(digits16: Path) -> None:
     """Point 8: float32 features (not a float64 copy of the downstream split), first N samples as train[:N]."""
     from analysis.features import extract_features
-    from workers.model import MlpMixer
+    from workers.models.mixer import MlpMixer
 
     model = MlpMixer("Nano-4", image_size=16, num_classes=10)
     x, y = extract_features(model, str(digits16 / "train"), num_samples=100, crop_fraction=1.0)
@@ -120,13 +120,14 @@ def test_fewshot_features_are_float32_and_capped(digits16: Path) -> None:
 
 
 def test_checkpoints_and_figures_need_no_ray(tmp_path: Path) -> None:
-    """Point 13: report and fewshot rebuild models from checkpoints with workers.checkpoint alone, without Ray."""
+    """Point 13: report and fewshot rebuild models from checkpoints with workers.training.checkpoint alone, without
+    Ray."""
     import subprocess
     import sys
 
     from tests.conftest import REPO
 
-    code = ("import sys\nimport analysis.report, analysis.features, workers.checkpoint\n"
+    code = ("import sys\nimport analysis.report, analysis.features, workers.training.checkpoint\n"
             "assert not [m for m in sys.modules if m == 'ray' or m.startswith('ray.')], 'ray was imported'\n")
     done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]

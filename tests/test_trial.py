@@ -10,9 +10,9 @@ from mlflow.tracking import MlflowClient
 
 from analysis.results import load_study
 from tests.conftest import cli_env, run_cli, study_dict, write_study
-from workers.checkpoint import load_model
-from workers.model import MlpMixer, forward_flops
-from workers.resolution import mixer_to_resolution
+from workers.models.mixer import MlpMixer, forward_flops
+from workers.models.resolution import mixer_to_resolution
+from workers.training.checkpoint import load_model
 
 STEPS = 150
 

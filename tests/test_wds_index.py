@@ -1,4 +1,4 @@
-"""workers.wds_index and `mixer-study shards --from wds`: manifests for existing WebDataset corpora (.cls or .json
+"""workers.data.wds_index and `mixer-study shards --from wds`: manifests for existing WebDataset corpora (.cls or .json
 labels, local and s3://), the class-sortedness check, --reshard, and what fractions/ShardDataset make of them."""
 
 from __future__ import annotations
@@ -17,10 +17,10 @@ import webdataset as wds
 from PIL import Image
 
 from tests.conftest import cli_env, run_cli
-from workers.fractions import class_counts, fraction_slices, subset_size
-from workers.manifest import load_manifest, verify_manifest
-from workers.shard_reader import ShardDataset, iter_samples
-from workers.wds_index import SortedCorpusError, check_not_sorted, index_webdataset, reshard, sortedness
+from workers.data.fractions import class_counts, fraction_slices, subset_size
+from workers.data.manifest import load_manifest, verify_manifest
+from workers.data.reader import ShardDataset, iter_samples
+from workers.data.wds_index import SortedCorpusError, check_not_sorted, index_webdataset, reshard, sortedness
 
 
 def _jpeg(label: int, size: tuple[int, int]) -> bytes:

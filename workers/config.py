@@ -19,7 +19,7 @@ class _Strict(BaseModel):
 
 
 class AugmentConfig(_Strict):
-    """Training-time augmentation (``workers.augment``), named as the paper and big_vision name it.
+    """Training-time augmentation (``workers.data.augment``), named as the paper and big_vision name it.
 
     big_vision ``configs/mlp_mixer_i1k.py``: ``decode_jpeg_and_inception_crop(224)|flip_lr|randaug(2,15)`` and
     ``mixup=dict(p=0.5)``; evaluation ``resize_small(256)|central_crop(224)`` (``eval_crop_fraction`` 224/256).
@@ -78,7 +78,7 @@ class DataConfig(_Strict):
     loader_workers: int = Field(0, ge=0, description="DataLoader processes per training worker")
     cache_mb: float = Field(
         128, ge=0, description="memory per loader process for raw shard records and decoded images, kept after the"
-        " first read so later epochs and val passes neither read nor decode (workers.shard_reader); 0 = off"
+        " first read so later epochs and val passes neither read nor decode (workers.data.reader); 0 = off"
     )
     on_error: Literal["raise", "skip"] = Field(
         "raise", description="a truncated shard, an undecodable image, a sample without label or a checksum mismatch:"
@@ -102,8 +102,8 @@ class DataConfig(_Strict):
 
 class ModelConfig(_Strict):
     variant: str = Field(
-        description="a variant of any family in workers.registry: Mixer SIZE/PATCH (B/16, B-16, Micro-4, S/8), ViT"
-        " (ViT-B/16, ViT-Micro/4), BiT (BiT-R50x1, BiT-Micro)"
+        description="a variant of any family in workers.models.registry: Mixer SIZE/PATCH (B/16, B-16, Micro-4, S/8),"
+        " ViT (ViT-B/16, ViT-Micro/4), BiT (BiT-R50x1, BiT-Micro)"
     )
     stoch_depth: float = Field(0.0, ge=0.0, lt=1.0, description="drop rate of the last block (big_vision 0.1)")
     dropout: float = Field(0.0, ge=0.0, lt=1.0, description="dropout on pre_logits before the head")
@@ -115,13 +115,13 @@ class ModelConfig(_Strict):
     @field_validator("variant")
     @classmethod
     def _known_variant(cls, name: str) -> str:
-        from workers.registry import get_variant
+        from workers.models.registry import get_variant
 
         return get_variant(name).name  # ValueError lists the families and names; B/16 -> B-16, ViT-B-16 -> ViT-B/16
 
 
 class OptimConfig(_Strict):
-    """Adam + big_vision's decoupled weight decay on kernels, warm-up from 0 then linear decay (workers.optim).
+    """Adam + big_vision's decoupled weight decay on kernels, warm-up from 0 then linear decay (workers.training.optim).
 
     Per step t with schedule multiplier s(t) (0 -> 1 over warmup_steps, then linearly down to linear_end):
     ``theta -= s(t) * (lr * adam(g) + weight_decay * theta)`` (the decay term on kernels only), as big_vision's
@@ -152,11 +152,12 @@ class TrainConfig(_Strict):
         " softmax: softmax cross-entropy"
     )
     precision: Literal["auto", "bf16", "fp32"] = Field(
-        "auto", description="bf16 autocast, fp32, or auto: bf16 where the hardware runs it fast (workers.precision)"
+        "auto", description="bf16 autocast, fp32, or auto: bf16 where the hardware runs it fast"
+        " (workers.training.precision)"
     )
     compile: Literal["auto"] | bool = Field(
         "auto", description="torch.compile the model (inductor, falling back to eager where it cannot compile): "
-        "true, false, or auto: on a CUDA device only (workers.precision.resolve_compile)"
+        "true, false, or auto: on a CUDA device only (workers.training.precision.resolve_compile)"
     )
     seed: int = Field(0, description="seeds the weight init, the data order, augmentation and mixup")
     keep_checkpoints: int = Field(2, ge=1, description="best checkpoints (by val/acc) kept on storage")

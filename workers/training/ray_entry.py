@@ -1,9 +1,10 @@
-"""The per-worker functions Ray Train's ``TorchTrainer`` runs: thin shells around :class:`workers.trainer.Trainer`
-(pre-training, ``train_loop_per_worker``) and :class:`workers.finetune.FineTuner` (``finetune_loop_per_worker``).
+"""The per-worker functions Ray Train's ``TorchTrainer`` runs: thin shells around
+:class:`workers.training.trainer.Trainer` (pre-training, ``train_loop_per_worker``) and
+:class:`workers.training.finetuner.FineTuner` (``finetune_loop_per_worker``).
 
 It adds only what Ray provides: the DDP group (``prepare_model``), the device, the checkpoint to resume from,
-and ``ray.train.report`` (rank 0 uploads the checkpoint folder written by ``workers.checkpoint``). Ray keeps the
-best checkpoints by ``val/acc`` (early stopping, as the paper does it) plus the latest one, from which a restarted
+and ``ray.train.report`` (rank 0 uploads the checkpoint folder written by ``workers.training.checkpoint``). Ray keeps
+the best checkpoints by ``val/acc`` (early stopping, as the paper does it) plus the latest one, from which a restarted
 worker group resumes.
 """
 
@@ -21,13 +22,13 @@ import ray.train.torch
 import torch
 from torch import nn
 
-from workers.checkpoint import load_model, read_state, write_checkpoint
 from workers.config import TrialConfig
-from workers.finetune import FineTuner
-from workers.permute import permute_spec
-from workers.registry import build_model
-from workers.throughput import inference_throughput, peak_flops
-from workers.trainer import Trainer
+from workers.data.permute import permute_spec
+from workers.models.registry import build_model
+from workers.training.checkpoint import load_model, read_state, write_checkpoint
+from workers.training.finetuner import FineTuner
+from workers.training.throughput import inference_throughput, peak_flops
+from workers.training.trainer import Trainer
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +57,7 @@ def _worker(config: dict[str, Any]) -> Iterator[tuple[TrialConfig, int, int, tor
     rank, world_size = ctx.get_world_rank(), ctx.get_world_size()
     tracker = None
     if rank == 0 and config.get("mlflow"):
-        from workers.track import RunLogger  # only rank 0 talks to MLflow (and pays its import)
+        from workers.training.mlflow_logger import RunLogger  # only rank 0 talks to MLflow (and pays its import)
 
         tracker = RunLogger(**config["mlflow"])
     try:

@@ -8,13 +8,13 @@ images, a ``.cls`` entry or a ``.json`` entry with a ``"label"`` (else ``"cls"``
 rewriting any image: each tar is streamed once through fsspec for its sample count, sha256, class counts and the
 images' sizes (read from the image headers, nothing is decoded). Shard URLs in that manifest are absolute, so the
 manifest can live anywhere. ``image_size`` is the images' shorter side if all share it, else ``null`` (the study
-must then set ``data.image_size``). The reader (``workers.shard_reader``) takes a sample's ``.cls`` entry if it has
+must then set ``data.image_size``). The reader (``workers.data.reader``) takes a sample's ``.cls`` entry if it has
 one and its ``.json`` label otherwise, so with ``label_key="json"`` a sample that also has a ``.cls`` entry must
 agree with it (else indexing fails and advises ``--reshard``, which writes ``.cls``).
 
 Sortedness check
 ----------------
-Data fractions and few-shot sets are PREFIXES of a split (``workers.fractions``): they are unbiased only if the
+Data fractions and few-shot sets are PREFIXES of a split (``workers.data.fractions``): they are unbiased only if the
 split's order is random. Many corpora are written class by class. :func:`check_not_sorted` compares the class
 histogram of the first ``m`` samples with the whole split's:
 
@@ -65,9 +65,9 @@ from PIL import Image
 from webdataset.shardlists import expand_urls
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
-from workers.manifest import MANIFEST_NAME, Manifest, ShardInfo, _join, _normalize_url, write_manifest
-from workers.shard_reader import IMAGE_EXTENSIONS, LABEL_KEYS, HashingReader, sample_label
-from workers.shard_writer import _TAR_MTIME, SHARD_PATTERN, _HashingWriter
+from workers.data.manifest import MANIFEST_NAME, Manifest, ShardInfo, _join, _normalize_url, write_manifest
+from workers.data.reader import IMAGE_EXTENSIONS, LABEL_KEYS, HashingReader, sample_label
+from workers.data.writer import _TAR_MTIME, SHARD_PATTERN, _HashingWriter
 
 SORTED_PREFIX_FRACTION = 0.03  # the compared prefix: ~3 % of the split ...
 SORTED_MIN_PER_CLASS = 10  # ... but at least this many samples per class where the split allows

@@ -21,8 +21,8 @@ from typing import Any
 
 import torch
 
-from workers.permute import PermuteSpec
-from workers.registry import Model, build_model
+from workers.data.permute import PermuteSpec
+from workers.models.registry import Model, build_model
 
 STATE_FILE = "state.pt"
 MODEL_FILE = "model.json"
@@ -37,7 +37,8 @@ def model_spec(model: Model) -> dict[str, Any]:
 def write_checkpoint(folder: str | Path, model: Model, state: dict[str, Any], permute: PermuteSpec | None = None
                      ) -> None:
     """Write ``model.json`` and ``state.pt`` (``state`` must hold ``"model"``: the state_dict) into ``folder``.
-    ``permute``: the fixed input permutation the model was trained on (``workers.permute.permute_spec``), or None."""
+    ``permute``: the fixed input permutation the model was trained on (``workers.data.permute.permute_spec``), or
+    None."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     spec = {**model_spec(model), **({"input_permute": permute._asdict()} if permute else {})}

@@ -18,7 +18,7 @@ The patch size P is kept, so a higher resolution means more tokens. Per family:
 * **BiT** (ResNet): convolutions and global pooling work at any resolution; the weights do not change (the
   model is rebuilt for the new ``image_size`` it records and checks).
 
-:func:`to_resolution` dispatches by duck typing: an :class:`~workers.model.MlpMixer` is a Mixer, a model with a
+:func:`to_resolution` dispatches by duck typing: an :class:`~workers.models.mixer.MlpMixer` is a Mixer, a model with a
 ``pos_embed`` Parameter is a ViT, anything else is resolution-agnostic (BiT).
 """
 
@@ -32,8 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from workers.model import MixerVariant, MlpMixer
-from workers.registry import build_model
+from workers.models.mixer import MixerVariant, MlpMixer
+from workers.models.registry import build_model
 
 __all__ = [
     "GroupedPatchStem",
@@ -198,7 +198,7 @@ def resample_pos_embed(pos_embed: Tensor, old_grid: int | Sequence[int], new_gri
 
 
 def _rebuild(model: nn.Module, image_size: int, state: dict[str, Tensor]) -> nn.Module:
-    """``model``'s family and variant built for ``image_size`` by ``workers.registry.build_model``, loaded with
+    """``model``'s family and variant built for ``image_size`` by ``workers.models.registry.build_model``, loaded with
     ``state`` (strict), on ``model``'s device and dtype, in its train/eval mode."""
     reference = next(model.parameters())
     new = build_model(model.variant, image_size, model.num_classes, in_chans=getattr(model, "in_chans", 3))
@@ -210,9 +210,10 @@ def _rebuild(model: nn.Module, image_size: int, state: dict[str, Tensor]) -> nn.
 @torch.no_grad()
 def vit_to_resolution(model: nn.Module, image_size: int) -> nn.Module:
     """A ViT (a ``pos_embed`` Parameter (1, prefix + g², C), ``image_size`` and ``variant.patch_size``, as
-    ``workers.vit.VisionTransformer``) for ``image_size`` inputs: the same weights, the grid part of ``pos_embed``
-    resampled by :func:`resample_pos_embed` (the ``num_prefix_tokens`` class-token rows kept). Rebuilt through
-    ``workers.registry`` when the model has a registry variant (so every size-derived attribute is right), else a
+    ``workers.models.vit.VisionTransformer``) for ``image_size`` inputs: the same weights, the grid part of
+    ``pos_embed`` resampled by :func:`resample_pos_embed` (the ``num_prefix_tokens`` class-token rows kept). Rebuilt
+    through ``workers.models.registry`` when the model has a registry variant (so every size-derived attribute is
+    right), else a
     copy with the new ``pos_embed`` and ``image_size``. Same size: ``model`` itself."""
     old_size = int(model.image_size)
     if image_size == old_size:

@@ -57,10 +57,10 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.shardlists import expand_urls
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
-from workers.augment import eval_array, needed_shorter_side, train_view
+from workers.data.augment import eval_array, needed_shorter_side, train_view
 from workers.config import AugmentConfig
-from workers.fractions import ShardSlice
-from workers.permute import PermuteSpec, apply_permutation, permutation
+from workers.data.fractions import ShardSlice
+from workers.data.permute import PermuteSpec, apply_permutation, permutation
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +70,7 @@ def decode_pil(data: bytes, shorter_side: int | None = None) -> Image.Image:
 
     ``Image.draft`` makes libjpeg scale by 1/2, 1/4 or 1/8 inside the IDCT, choosing the largest reduction that
     still leaves both sides >= the request, so the decoded shorter side stays >= ``shorter_side`` (what the view
-    needs: ``workers.augment.needed_shorter_side``). Skipping IDCT work is the point: a 1024 px q95 JPEG needed at
+    needs: ``workers.data.augment.needed_shorter_side``). Skipping IDCT work is the point: a 1024 px q95 JPEG needed at
     shorter side 256 (the 224 px eval view) decodes at 1/4 scale about 2x faster (entropy decoding remains).
     Other formats decode at full size.
     """
@@ -274,7 +274,7 @@ class ShardDataset(IterableDataset):
     """Stream (image (3,H,W) float32 in [-1, 1], label int) from shard slices, partitioned over ranks and workers.
 
     ``return_keys=True`` appends each sample's ``__key__`` (for tests and debugging). ``permute`` = (mode, patch,
-    seed) (``workers.permute.permute_spec`` of a DataConfig) moves the pixels of every view, train and eval alike,
+    seed) (``workers.data.permute.permute_spec`` of a DataConfig) moves the pixels of every view, train and eval alike,
     by that one fixed permutation (the paper's Fig. 4 study); None (or mode "none") keeps the images.
 
     See the module docstring for the partitioning rule. Epochs: the k-th ``iter()`` in a process since the last
@@ -317,7 +317,7 @@ class ShardDataset(IterableDataset):
             raise ValueError(f"image_size must be positive (or None: the decoded size), got {image_size}")
         self.train, self.rank, self.world_size, self.seed = train, rank, world_size, seed
         self.repeat, self.shuffle_buffer = repeat, shuffle_buffer
-        # Views (workers.augment): training samples get train_view(augment), the others eval_array(augment).
+        # Views (workers.data.augment): training samples get train_view(augment), the others eval_array(augment).
         # image_size None keeps the decoded size (square shards, tests): the views then work at the decoded
         # shorter side with crop fraction 1, so an eval view or crop "none" of a square image is the image itself.
         augment = augment or AugmentConfig()
@@ -325,7 +325,7 @@ class ShardDataset(IterableDataset):
         self.augment = augment if image_size else augment.model_copy(update={"eval_crop_fraction": 1.0})
         self._decode_side = image_size and needed_shorter_side(image_size, self.augment, train)
         self.return_keys = return_keys
-        # The fixed pixel permutation (workers.permute), applied to each view after augmentation, before to_tensor.
+        # The fixed pixel permutation (workers.data.permute), applied to each view after augmentation, before to_tensor.
         self.permute = PermuteSpec(*permute) if permute is not None and permute[0] != "none" else None
         if self.permute and image_size:  # fail now on a bad patch size, not in the first DataLoader worker
             permutation(self.permute.mode, image_size, self.permute.patch, self.permute.seed)

@@ -26,7 +26,7 @@ Cost per image, 2 FLOPs per multiply-add over every convolution (what ``torch.ut
 2·H_out·W_out·C_out·C_in·k² each, plus 2·C·K for the head. Not counted: GroupNorm, ReLU, pooling, residual
 additions, and the weight standardisation (O(parameters), independent of the batch).
 
-Imports only torch, the standard library and ``workers.model`` (this module runs inside Ray worker processes).
+Imports only torch, the standard library and ``workers.models.mixer`` (this module runs inside Ray worker processes).
 """
 
 from __future__ import annotations
@@ -43,10 +43,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from workers.model import SIZES as MIXER_SIZES
-from workers.model import check_classifier_args, drop_path, lecun_normal_
-from workers.model import get_variant as mixer_variant
-from workers.model import param_count as mixer_param_count
+from workers.models.mixer import SIZES as MIXER_SIZES
+from workers.models.mixer import check_classifier_args, drop_path, lecun_normal_
+from workers.models.mixer import get_variant as mixer_variant
+from workers.models.mixer import param_count as mixer_param_count
 
 __all__ = [
     "BLOCKS",
@@ -265,7 +265,8 @@ class StdConv2d(nn.Conv2d):
     """Weight-standardised convolution (Qiao et al. 2019; BiT): each output channel's kernel is standardised over
     (c_in, kh, kw) before use, ŵ = (w - mean) / sqrt(var + eps) (biased variance, as big_vision's ``standardize``).
 
-    An ``nn.Conv2d`` subclass holding the raw ``weight``, so ``workers.optim.decay_mask`` decays it as a kernel.
+    An ``nn.Conv2d`` subclass holding the raw ``weight``, so ``workers.training.optim.decay_mask`` decays it as a
+    kernel.
     """
 
     def __init__(self, in_chans: int, out_chans: int, kernel_size: int, stride: int = 1, padding: int = 0,
@@ -305,7 +306,7 @@ class PreActBottleneck(nn.Module):
 
 
 class ResNetV2(nn.Module):
-    """BiT classifier with the API of ``workers.model.MlpMixer``.
+    """BiT classifier with the API of ``workers.models.mixer.MlpMixer``.
 
     ``stoch_depth`` drops each unit's residual branch per example, the rate ramped linearly over all units from 0
     to ``stoch_depth`` (timm's ResNetV2 ``drop_path_rate`` ramp; big_vision's BiT has none; 0 reproduces BiT).

@@ -1,4 +1,4 @@
-"""Vision Transformer (Dosovitskiy et al., ICLR 2021) in PyTorch, with the uniform API of ``workers.model``.
+"""Vision Transformer (Dosovitskiy et al., ICLR 2021) in PyTorch, with the uniform API of ``workers.models.mixer``.
 
 The ViT of the paper and of google-research/vision_transformer ``vit_jax/models_vit.py`` (the architecture timm's
 ``vision_transformer.py`` ports, and whose parameter counts timm reports): a P×P stride-P convolution stem, a
@@ -25,7 +25,7 @@ Cost per image, T = S + 1 tokens, C width, D MLP width, 2 FLOPs per multiply-add
 The T² term has no parameters, which is why "6 x parameters x tokens" underestimates ViT's training compute at
 high resolution: with D = 4C it is T / (6C + T) of a block's FLOPs, 4 % for B/16 at 224 px, 47 % at 1024 px.
 
-Imports only torch, the standard library and ``workers.model`` (this module runs inside Ray worker processes).
+Imports only torch, the standard library and ``workers.models.mixer`` (this module runs inside Ray worker processes).
 """
 
 from __future__ import annotations
@@ -39,8 +39,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from workers.model import SIZES as MIXER_SIZES
-from workers.model import MlpBlock, check_classifier_args, drop_path, lecun_normal_
+from workers.models.mixer import SIZES as MIXER_SIZES
+from workers.models.mixer import MlpBlock, check_classifier_args, drop_path, lecun_normal_
 
 __all__ = [
     "SIZES",
@@ -72,7 +72,7 @@ class ViTSize:
 
 
 # Small to large. Ti..H: big_vision ``vit.py`` ``decode_variant`` (ViT paper Table 1 for B/L/H). Nano, Micro and
-# Mini are the Mixer CPU sizes' layers, C and D_C (workers.model.SIZES), with heads dividing C (head dim 16-32).
+# Mini are the Mixer CPU sizes' layers, C and D_C (workers.models.mixer.SIZES), with heads dividing C (head dim 16-32).
 SIZES: dict[str, ViTSize] = {
     "Nano": ViTSize(2, 32, 64, 2),
     "Micro": ViTSize(4, 64, 128, 2),
@@ -84,8 +84,8 @@ SIZES: dict[str, ViTSize] = {
     "H": ViTSize(32, 1280, 5120, 16),
 }
 
-# Global size rank (workers.registry sorts all families by it): a ViT size has the rank of the Mixer size of the
-# same letter (Nano 0 ... H 6, workers.model.SIZES); Ti (5.7M parameters) sits between Mini and S.
+# Global size rank (workers.models.registry sorts all families by it): a ViT size has the rank of the Mixer size of the
+# same letter (Nano 0 ... H 6, workers.models.mixer.SIZES); Ti (5.7M parameters) sits between Mini and S.
 _SIZE_RANK: dict[str, float] = {size: float(i) for i, size in enumerate(MIXER_SIZES) if size in SIZES} | {"Ti": 2.5}
 
 
@@ -253,12 +253,12 @@ class ViTBlock(nn.Module):
 class VisionTransformer(nn.Module):
     """ViT classifier for square ``image_size`` inputs (the position embedding fixes S, so H and W too).
 
-    Same constructor and API as ``workers.model.MlpMixer``: ``stoch_depth`` (rate of the last block, ramped from 0),
-    ``dropout`` on pre_logits, ``head_bias_init`` (constant initial bias of the zero-initialised head),
+    Same constructor and API as ``workers.models.mixer.MlpMixer``: ``stoch_depth`` (rate of the last block, ramped
+    from 0), ``dropout`` on pre_logits, ``head_bias_init`` (constant initial bias of the zero-initialised head),
     ``num_classes=0`` for no head, ``forward -> (logits, {"pre_logits"})``, ``set_grad_checkpointing``.
 
-    Parameters outside Linear/Conv layers, so never weight-decayed (``workers.optim.decay_mask``, as big_vision's
-    ``.*/kernel$`` mask): ``cls_token`` (1, 1, C), zeros, the class token's own parameter; ``pos_embed``
+    Parameters outside Linear/Conv layers, so never weight-decayed (``workers.training.optim.decay_mask``, as
+    big_vision's ``.*/kernel$`` mask): ``cls_token`` (1, 1, C), zeros, the class token's own parameter; ``pos_embed``
     (1, S+1, C), normal(0.02), row 0 for the class token then the S patches row-major: the only parameter that
     depends on ``image_size`` (for another resolution resample its grid rows, big_vision ``resample_posemb``).
     """

@@ -1,6 +1,6 @@
-"""A trial's fine-tuning stage: one ``TorchTrainer(workers.train.finetune_loop_per_worker)`` per learning rate of
-``finetune.lr``, each from the trial's best pre-training checkpoint, the learning rate with the best top-1 on the
-held-out ``finetune.val`` kept (the test split reports, never selects).
+"""A trial's fine-tuning stage: one ``TorchTrainer(workers.training.ray_entry.finetune_loop_per_worker)`` per
+learning rate of ``finetune.lr``, each from the trial's best pre-training checkpoint, the learning rate with the best
+top-1 on the held-out ``finetune.val`` kept (the test split reports, never selects).
 
 Runs inside the trial driver (``pipeline.trial.run_trial``) after pre-training, on the same ``ScalingConfig`` (the
 workers the pre-training run held are free again by then), so it uses the trial's resources and nothing more.
@@ -37,7 +37,7 @@ from ray.train.torch import TorchTrainer
 
 from pipeline.tracking import checkpoint_uri
 from workers.config import TrialConfig
-from workers.train import finetune_loop_per_worker
+from workers.training.ray_entry import finetune_loop_per_worker
 
 log = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ Keys are the sample's position in the split (``f"{index:08d}"``), so shard ``k``
 ``k*samples_per_shard ...``. Shard URLs in the manifest are relative to the manifest's folder, so a split
 folder can be copied anywhere (local disk, ``s3://bucket/dir``, ``gs://...``, ``https://...``) unchanged.
 
-Manifests of existing WebDataset corpora (``workers.wds_index``, ``mixer-study shards --from wds``) list their
+Manifests of existing WebDataset corpora (``workers.data.wds_index``, ``mixer-study shards --from wds``) list their
 shards by absolute URL instead and may have ``image_size: null`` (images of varying size: the study then sets
 ``data.image_size``). ``class_counts`` is optional (manifests written before it existed lack it).
 All I/O goes through ``fsspec`` and tar files are read/written with ``webdataset``.
@@ -52,7 +52,7 @@ class ShardInfo:
     num_samples: int
     sha256: str
     # samples per class (index = label), so the class histogram of any prefix of the split is known without
-    # reading it (workers.fractions.class_counts); None in manifests written before the field existed
+    # reading it (workers.data.fractions.class_counts); None in manifests written before the field existed
     class_counts: list[int] | None = None
 
 
@@ -171,7 +171,7 @@ def load_manifest(url: str) -> Manifest:
     except FileNotFoundError as exc:
         raise FileNotFoundError(
             f"no data-set manifest at {manifest_url} (from {url!r}): expected a split folder containing "
-            f"{MANIFEST_NAME} as written by workers.shard_writer.write_split, or the manifest's own URL"
+            f"{MANIFEST_NAME} as written by workers.data.writer.write_split, or the manifest's own URL"
         ) from exc
     except Exception as exc:  # noqa: BLE001 - credentials, permissions, network: one clear error naming the URL
         raise OSError(f"cannot read the data-set manifest {manifest_url}: {type(exc).__name__}: {exc}"

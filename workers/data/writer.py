@@ -9,7 +9,7 @@ every prefix of a split is an unbiased random sample of it.
 Stored size
 -----------
 A split's ``image_size`` (manifest) is the stored SHORTER side. ImageFolder images keep their aspect ratio and are
-not cropped, so the reader's random-resized (inception) crops and evaluation central crops (``workers.augment``)
+not cropped, so the reader's random-resized (inception) crops and evaluation central crops (``workers.data.augment``)
 see the whole picture, as big_vision's do on the raw JPEGs; keep the shorter side >= 1.14 x the training size
 (256 for 224, big_vision's eval resize). Digits are square (8x8 upscaled). Samples are PNG (lossless, ``png``
 key) or JPEG (``jpg`` key, ``jpeg_quality``; several times smaller for photographs).
@@ -29,7 +29,7 @@ import numpy as np
 import webdataset as wds
 from PIL import Image
 
-from workers.manifest import MANIFEST_NAME, Manifest, ShardInfo, _join, _normalize_url, write_manifest
+from workers.data.manifest import MANIFEST_NAME, Manifest, ShardInfo, _join, _normalize_url, write_manifest
 
 SHARD_PATTERN = "shard-{:06d}.tar"
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")

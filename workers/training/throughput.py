@@ -7,7 +7,7 @@ import time
 
 import torch
 
-from workers.registry import Model
+from workers.models.registry import Model
 
 
 @torch.inference_mode()

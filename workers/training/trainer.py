@@ -1,10 +1,10 @@
 """One worker's training of one trial, without Ray: set-up, ``train_step``, ``evaluate``, state and the step loop.
 
-:class:`Trainer` is the torchtitan-style core; ``workers.train`` is the thin Ray Train shell around it (DDP
+:class:`Trainer` is the torchtitan-style core; ``workers.training.ray_entry`` is the thin Ray Train shell around it (DDP
 wrapping, ``ray.train.report``, checkpoint upload), and a test drives a Trainer in-process with ``world_size=1``.
 
 The recipe is the paper's (README "Recipe"): Adam with big_vision's weight decay and schedule
-(``workers.optim``), clipping at global norm ``grad_clip``, the ``sigmoid`` or ``softmax`` loss on one-hot (or
+(``workers.training.optim``), clipping at global norm ``grad_clip``, the ``sigmoid`` or ``softmax`` loss on one-hot (or
 mixup-soft) targets, the ``data.augment`` pipeline, stochastic depth inside the model. A fixed number of steps;
 every ``eval_every`` steps the upstream val split is evaluated, every ``checkpoint_every`` steps the state is
 reported with a checkpoint. The step loop never synchronises with the host except at ``log_every`` boundaries.
@@ -24,15 +24,15 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from workers.augment import mixup
 from workers.config import OptimConfig, TrialConfig, head_bias
-from workers.fractions import fraction_slices, subset_size
-from workers.manifest import load_manifest
-from workers.optim import build_optimizer, classification_loss, clip_by_global_norm, set_lr
-from workers.permute import permute_spec
-from workers.precision import compile_model, resolve_compile, resolve_precision
-from workers.registry import build_model, train_flops_per_image
-from workers.shard_reader import ShardDataset, make_loader
+from workers.data.augment import mixup
+from workers.data.fractions import fraction_slices, subset_size
+from workers.data.manifest import load_manifest
+from workers.data.permute import permute_spec
+from workers.data.reader import ShardDataset, make_loader
+from workers.models.registry import build_model, train_flops_per_image
+from workers.training.optim import build_optimizer, classification_loss, clip_by_global_norm, set_lr
+from workers.training.precision import compile_model, resolve_compile, resolve_precision
 
 
 @dataclasses.dataclass
@@ -163,7 +163,7 @@ class Trainer:
 
         # The seed fixes the initial weights (identical on every rank, as DDP requires) and, below, the data order.
         torch.manual_seed(tr.seed)
-        self.module = build_model(  # any family of workers.registry (Mixer, ViT, BiT)
+        self.module = build_model(  # any family of workers.models.registry (Mixer, ViT, BiT)
             trial.model.variant, image_size=self.image_size, num_classes=self.num_classes,
             stoch_depth=trial.model.stoch_depth, dropout=trial.model.dropout,
             head_bias_init=head_bias(trial.model, tr.loss, self.num_classes),
@@ -177,7 +177,7 @@ class Trainer:
         self.flops_per_image = train_flops_per_image(self.module.variant, self.image_size, self.num_classes)
         self.progress = Progress()
         # Rank 0: a CPU copy of the best checkpointed weights of this segment, for the evaluation after training
-        # (workers.train.best_model reads earlier segments' best from storage instead).
+        # (workers.training.ray_entry.best_model reads earlier segments' best from storage instead).
         self.best_state: dict[str, Tensor] | None = None
         self.datasets: list[ShardDataset] = []  # of the running segment (fit), for data.on_error counts
 

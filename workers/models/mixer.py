@@ -75,7 +75,7 @@ class MixerVariant:
 
     ``size`` is the key in ``SIZES`` ("B"; "" for a hand-built variant outside the table). ``family`` is the
     model family, the same for every Mixer: figures draw one line per family and order variants by family,
-    ``size_rank`` and decreasing patch size (ViT and BiT have their own classes: ``workers.registry``).
+    ``size_rank`` and decreasing patch size (ViT and BiT have their own classes: ``workers.models.registry``).
     """
 
     family: ClassVar[str] = "Mixer"

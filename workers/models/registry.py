@@ -1,4 +1,5 @@
-"""One registry of model families (timm-style): Mixer (``workers.model``), ViT (``workers.vit``), BiT (``workers.bit``).
+"""One registry of model families (timm-style): Mixer (``workers.models.mixer``), ViT (``workers.models.vit``), BiT
+(``workers.models.bit``).
 
 Every caller that takes a variant name (config validation, plan, trainer, checkpoints, CLI, results, figures) goes
 through here, so a study grid can mix families: ``model.variant: [B-16, ViT-B/16, BiT-R50x1]``.
@@ -22,11 +23,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from workers import bit, vit
-from workers import model as mixer
-from workers.bit import BiTVariant, ResNetV2
-from workers.model import MixerVariant, MlpMixer
-from workers.vit import VisionTransformer, ViTVariant
+from workers.models import bit, mixer, vit
+from workers.models.bit import BiTVariant, ResNetV2
+from workers.models.mixer import MixerVariant, MlpMixer
+from workers.models.vit import VisionTransformer, ViTVariant
 
 __all__ = [
     "FAMILIES",

@@ -1,12 +1,12 @@
 """Fine-tuning one pre-trained checkpoint at one learning rate on one worker, without Ray: the paper's §3 recipe.
 
-:class:`FineTuner` is the fine-tuning counterpart of :class:`workers.trainer.Trainer` (same shape: set-up,
-``train_step``, ``evaluate``, ``state_dict``/``load_state_dict``, ``fit(report)``), and ``workers.train``'s
+:class:`FineTuner` is the fine-tuning counterpart of :class:`workers.training.trainer.Trainer` (same shape: set-up,
+``train_step``, ``evaluate``, ``state_dict``/``load_state_dict``, ``fit(report)``), and ``workers.training.ray_entry``'s
 ``finetune_loop_per_worker`` is its Ray Train shell.
 
 The recipe (paper §3 "Fine-tuning" and Supplementary C; ViT's setup, which the paper follows):
 
-* the pre-trained weights, moved to ``finetune.image_size`` by ``workers.resolution.to_resolution`` (Mixer: K x
+* the pre-trained weights, moved to ``finetune.image_size`` by ``workers.models.resolution.to_resolution`` (Mixer: K x
   the side, block-diagonal token mixing; ViT: resampled position embeddings; BiT: unchanged);
 * a fresh head for the downstream classes with zero weight AND zero bias (vision_transformer
   ``checkpoint.load_pretrained`` takes the head from the zero-initialised new model);
@@ -16,10 +16,10 @@ The recipe (paper §3 "Fine-tuning" and Supplementary C; ViT's setup, which the 
 * ``s(t)`` = big_vision ``utils.create_learning_rate_schedule(decay_type="cosine", warmup_steps=w)`` with
   ``base=1``: ``0.5 * (1 + cos(pi * clip((t - w) / (T - w), 0, 1)))`` times ``min(1, t / w)`` (linear warm-up
   from 0: the first update has multiplier 0), ``t`` = updates already made (:func:`cosine_multiplier`);
-* softmax cross-entropy on one-hot targets (``workers.optim.classification_loss(..., "softmax")``);
+* softmax cross-entropy on one-hot targets (``workers.training.optim.classification_loss(..., "softmax")``);
 * top-1 of the final model on the whole downstream test split, through the evaluation view (resize + central
   crop, ``data.augment.eval_crop_fraction``), and on ``finetune.val`` when given: the held-out split that picks
-  the learning rate of a sweep (``pipeline.finetune``), so the test split is never used to select.
+  the learning rate of a sweep (``pipeline.finetune_sweep``), so the test split is never used to select.
 
 Training view: the study's ``data.augment`` crop and flip (the study chose what suits its images: inception crop
 for the paper studies, ``pad`` for digits) without RandAugment and mixup, which the paper's fine-tuning does not use
@@ -39,17 +39,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from workers.checkpoint import load_model
 from workers.config import TrialConfig
-from workers.fractions import fraction_slices
-from workers.manifest import Manifest, load_manifest
-from workers.optim import classification_loss, clip_by_global_norm
-from workers.permute import permute_spec
-from workers.precision import resolve_precision
-from workers.registry import forward_flops
-from workers.resolution import to_resolution
-from workers.shard_reader import ShardDataset, make_loader
-from workers.trainer import (
+from workers.data.fractions import fraction_slices
+from workers.data.manifest import Manifest, load_manifest
+from workers.data.permute import permute_spec
+from workers.data.reader import ShardDataset, make_loader
+from workers.models.registry import forward_flops
+from workers.models.resolution import to_resolution
+from workers.training.checkpoint import load_model
+from workers.training.optim import classification_loss, clip_by_global_norm
+from workers.training.precision import resolve_precision
+from workers.training.trainer import (
     ReportFn,
     _infinite,
     _sum_over_ranks,
@@ -98,8 +98,8 @@ def reset_head(model: nn.Module, num_classes: int) -> None:
 
 def model_forward_flops(model: nn.Module, image_size: int) -> int:
     """Forward FLOPs of one ``image_size`` image through ``model`` as it is (multiply-add = 2): the registry's
-    analytic count of its variant (``workers.registry.forward_flops``, equal to torch's FLOP counter). A Mixer moved
-    to a higher resolution carries a variant with the K²·D_S token-mixing width, so the count is that of the dense
+    analytic count of its variant (``workers.models.registry.forward_flops``, equal to torch's FLOP counter). A Mixer
+    moved to a higher resolution carries a variant with the K²·D_S token-mixing width, so the count is that of the dense
     K²S x K²D_S matmuls it runs."""
     return forward_flops(model.variant, image_size, model.num_classes, getattr(model, "in_chans", 3))
 
@@ -108,12 +108,12 @@ class FineTuner:
     """Model, optimiser and data of one fine-tuning run (one learning rate) on one worker.
 
     Args:
-        pretrained: the pre-trained checkpoint folder (``workers.checkpoint``: model.json + state.pt); read here.
-        trial: the trial's recipe: ``trial.finetune`` is the fine-tuning block (must be enabled); ``trial.data``
+        pretrained: the pre-trained checkpoint folder (``workers.training.checkpoint``: model.json + state.pt); read
+        here. trial: the trial's recipe: ``trial.finetune`` is the fine-tuning block (must be enabled); ``trial.data``
             gives the augmentation, shuffle buffer and loader processes, ``trial.train`` the seed, precision and
             ``log_every``.
         lr: the peak learning rate (one value of ``finetune.lr``).
-        rank, world_size, device, cores, wrap_model, log: as :class:`workers.trainer.Trainer`.
+        rank, world_size, device, cores, wrap_model, log: as :class:`workers.training.trainer.Trainer`.
     """
 
     def __init__(
@@ -143,7 +143,8 @@ class FineTuner:
         self.log = log
         self.train_manifest = load_manifest(ft.train)
         self.test_manifest = load_manifest(ft.test)
-        self.val_manifest = load_manifest(ft.val) if ft.val else None  # picks the lr of a sweep (pipeline.finetune)
+        # picks the lr of a sweep (pipeline.finetune_sweep)
+        self.val_manifest = load_manifest(ft.val) if ft.val else None
         self.num_classes = self.train_manifest.num_classes
         for name, manifest in (("test", self.test_manifest), ("val", self.val_manifest)):
             if manifest is not None and manifest.num_classes != self.num_classes:
@@ -196,7 +197,7 @@ class FineTuner:
 
     def train_batches(self) -> Iterator[tuple[Tensor, Tensor]]:
         """The endless stream of this rank over the whole ``finetune.train`` split; a resumed segment gets a new
-        seed (seed, start step), as :meth:`workers.trainer.Trainer.train_batches`."""
+        seed (seed, start step), as :meth:`workers.training.trainer.Trainer.train_batches`."""
         data = self.trial.data
         dataset = ShardDataset(
             fraction_slices(self.train_manifest, 1.0), train=True, rank=self.rank, world_size=self.world_size,
