@@ -27,7 +27,7 @@ demo: setup $(DATA)/train/manifest.json
 	$(BIN)/mixer-study report demo --out results/demo
 
 # test: lint + every test but the fault-injection and load studies (under 15 minutes on 2 cores). test-slow: those
-# studies (node and job loss, worker kill, tracking outage, 40 short trials, a shipped study; about 40 minutes).
+# studies (node and job loss, worker kill, tracking outage, 16 short trials, a shipped study; about 40 minutes).
 # CI (.ci/run) runs both.
 test: setup
 	$(BIN)/ruff check .
