@@ -2,7 +2,7 @@
 
 timm is not a dependency of mixer-study (PyPI's torchvision, which timm imports, does not load beside torch
 2.13). Run this in a throwaway environment that sees the project's venv and has timm (docs/benchmarks.md
-"Against timm" has the four commands). Both models go through the SAME step (``pipeline.bench.train_step_fn``:
+"Against timm" has the four commands). Both models go through the SAME step (``benchmarks.run.train_step_fn``:
 schedule, autocast forward, sigmoid loss, exact global-norm clipping, foreach AdamW of ``build_optimizer``), on
 the same synthetic batch, so the ratio measures the models' forward and backward only. The cases alternate
 round by round so that all of them see the same background load; the figure is the median step time.
@@ -24,7 +24,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.bench import format_table, train_step_fn  # noqa: E402
+from benchmarks.run import format_table, train_step_fn  # noqa: E402
 from workers.config import OptimConfig  # noqa: E402
 from workers.models.registry import build_model, forward_flops, train_flops_per_image  # noqa: E402
 from workers.training.optim import build_optimizer  # noqa: E402

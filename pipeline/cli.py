@@ -204,7 +204,7 @@ def _ui(args: argparse.Namespace) -> None:
 
 
 def _bench(args: argparse.Namespace) -> None:
-    from pipeline.bench import bench_config, quick_config, run_benchmarks
+    from benchmarks.run import bench_config, quick_config, run_benchmarks
 
     overrides = {"variants": tuple(args.variants) if args.variants else None, "image_size": args.image_size,
                  "batch_sizes": tuple(args.batch_sizes) if args.batch_sizes else None, "paper": args.paper or None,
