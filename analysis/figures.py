@@ -191,6 +191,15 @@ def _log_x(ax: Axes) -> None:
     ax.xaxis.set_minor_formatter(NullFormatter())
 
 
+def _finish(ax: Axes, x: str, y: str) -> None:
+    """What every accuracy-vs-cost panel ends with: log x at decades, labelled axes, a light grid, a legend."""
+    _log_x(ax)
+    ax.set_xlabel(_label(x))
+    ax.set_ylabel(_label(y))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small")
+
+
 def _note(ax: Axes, message: str) -> None:
     """Replace a plot that has no data by the reason, in words."""
     logger.warning("%s: %s", ax.get_title() or ax.figure.get_suptitle(), message)
@@ -219,11 +228,7 @@ def _build_fig2_left(df: pd.DataFrame, quality: str, cost: str) -> Figure:
         ax.scatter(rows[cost], _values(rows, quality), label=variant, zorder=3, **_style(variant))
     front = pareto_front(data, cost, quality)
     ax.plot(front[cost], _values(front, quality), "k--", lw=1, label="Pareto frontier", zorder=2)
-    _log_x(ax)
-    ax.set_xlabel(_label(cost))
-    ax.set_ylabel(_label(quality))
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize="small")
+    _finish(ax, cost, quality)
     return fig
 
 
@@ -246,11 +251,7 @@ def _build_fig2_right(df: pd.DataFrame, quality: str) -> Figure:
     for variant, rows in _groups(data, "variant"):
         rows = rows.sort_values(size, kind="stable")
         ax.plot(rows[size], _values(rows, quality), label=variant, linestyle=_linestyle(variant), **_style(variant))
-    _log_x(ax)
-    ax.set_xlabel(_label(size))
-    ax.set_ylabel(_label(quality))
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize="small")
+    _finish(ax, size, quality)
     return fig
 
 
@@ -281,11 +282,7 @@ def _build_fig3(df: pd.DataFrame, quality: str) -> Figure:
                     label=family, zorder=2)
         for variant, rows in _groups(data, "variant"):
             ax.scatter(rows[x], _values(rows, quality), label=variant, zorder=3, **_style(variant))
-        _log_x(ax)
-        ax.set_xlabel(_label(x))
-        ax.set_ylabel(_label(quality))
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize="small")
+        _finish(ax, x, quality)
     return fig
 
 
