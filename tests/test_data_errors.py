@@ -14,7 +14,8 @@ import pytest
 
 from workers.data.fractions import fraction_slices
 from workers.data.manifest import load_manifest
-from workers.data.reader import ChecksumError, DataError, ShardDataset, make_loader
+from workers.data.reader import ShardDataset, make_loader
+from workers.data.shard_format import ChecksumError, DataError
 from workers.data.writer import shards_from_digits
 
 

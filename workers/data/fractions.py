@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from workers.data.manifest import Manifest
+from workers.data.shard_format import read_shard
 
 
 @dataclass(frozen=True)
@@ -67,9 +68,7 @@ def class_counts(manifest: Manifest, num_samples: int) -> list[int] | None:
         if remaining >= shard.num_samples:
             totals = [t + c for t, c in zip(totals, shard.class_counts, strict=True)]
         else:
-            from workers.data.reader import _read_shard  # lazy: shard_reader imports this module
-
-            for _key, _image, label in _read_shard(manifest.shard_url(shard), remaining):
+            for _key, _image, label in read_shard(manifest.shard_url(shard), remaining):
                 if not 0 <= label < len(totals):
                     raise ValueError(f"{manifest.shard_url(shard)}: label {label} outside [0, {len(totals)})")
                 totals[label] += 1

@@ -33,7 +33,6 @@ S3 (and other object stores) at a custom endpoint
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from dataclasses import dataclass
@@ -42,8 +41,6 @@ from typing import Any
 import fsspec
 
 MANIFEST_NAME = "manifest.json"
-
-
 
 
 @dataclass(frozen=True)
@@ -80,7 +77,7 @@ class Manifest:
         return f"{self.folder}/{shard.url}"
 
 
-def _normalize_url(url: str) -> str:
+def normalize_url(url: str) -> str:
     """Local paths (and file://) become absolute paths; other fsspec URLs are kept, without a trailing slash."""
     url = os.fspath(url)
     protocol, path = fsspec.core.split_protocol(url)
@@ -89,7 +86,8 @@ def _normalize_url(url: str) -> str:
     return url.rstrip("/") if not url.endswith("://") else url
 
 
-def _join(folder: str, name: str) -> str:
+def join_url(folder: str, name: str) -> str:
+    """``folder/name`` for a folder URL with or without a trailing slash."""
     return f"{folder.rstrip('/')}/{name}"
 
 
@@ -163,8 +161,8 @@ def write_manifest(manifest: Manifest) -> None:
 
 def load_manifest(url: str) -> Manifest:
     """Load ``manifest.json`` from its URL or its folder's URL (local path, file://, s3://, gs://, http(s)://)."""
-    url = _normalize_url(url)
-    manifest_url = url if url.endswith(".json") else _join(url, MANIFEST_NAME)
+    url = normalize_url(url)
+    manifest_url = url if url.endswith(".json") else join_url(url, MANIFEST_NAME)
     try:
         with fsspec.open(manifest_url, "rb") as f:
             raw = f.read()
@@ -194,26 +192,3 @@ def _access_hint(url: str) -> str:
     }
     return f"; {hints.get(scheme, 'check the URL and its credentials')}"
 
-
-def _sha256_of(url: str) -> str:
-    digest = hashlib.sha256()
-    with fsspec.open(url, "rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def verify_manifest(manifest: Manifest) -> None:
-    """Recompute every shard's sha256; raise ValueError naming each missing or corrupted shard."""
-    problems = []
-    for shard in manifest.shards:
-        url = manifest.shard_url(shard)
-        try:
-            actual = _sha256_of(url)
-        except FileNotFoundError:
-            problems.append(f"{url}: missing")
-            continue
-        if actual != shard.sha256:
-            problems.append(f"{url}: sha256 {actual} != {shard.sha256} in the manifest")
-    if problems:
-        raise ValueError(f"{len(problems)} bad shard(s) in {manifest.url}: " + "; ".join(problems))

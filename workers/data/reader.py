@@ -40,27 +40,23 @@ to memory that :func:`make_loader` shares with its persistent workers, so it rea
 
 from __future__ import annotations
 
-import hashlib
 import io
 import itertools
-import json
 import logging
 import random
-from collections.abc import Callable, Iterable, Iterator
-from typing import BinaryIO
+from collections.abc import Iterable, Iterator
 
-import fsspec
 import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.shardlists import expand_urls
-from webdataset.tariterators import group_by_keys, tar_file_expander
 
-from workers.data.augment import eval_array, needed_shorter_side, train_view
 from workers.config import AugmentConfig
+from workers.data.augment import eval_array, needed_shorter_side, train_view
 from workers.data.fractions import ShardSlice
 from workers.data.permute import PermuteSpec, apply_permutation, permutation
+from workers.data.shard_format import ChecksumError, DataError, Record, read_shard
 
 log = logging.getLogger(__name__)
 
@@ -87,143 +83,18 @@ def decode_image(data: bytes, shorter_side: int | None = None) -> np.ndarray:
     return np.asarray(decode_pil(data, shorter_side), dtype=np.uint8)
 
 
-
-
-IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "webp")  # sample entries read as the image, first match wins
 MAX_LOADER_WORKERS = 64  # rows of ShardDataset's shared problem counters
-LABEL_KEYS = ("cls", "json")
 
 
-def sample_label(sample: dict, label_key: str = "cls") -> int | None:
-    """A WebDataset sample's label, or None if it has no such entry.
+def iter_samples(urls: str | list[str]) -> Iterator[Record]:
+    """(key, image bytes, label) of every sample of whole shards, in order, unpartitioned and without checksum
+    checks (tests and benchmarks; training reads through :class:`ShardDataset`).
 
-    ``label_key="cls"``: the ``.cls`` entry (an integer as text); ``"json"``: the ``"label"`` (else ``"cls"``)
-    integer of the ``.json`` entry (as ImageNet-style corpora store it). Malformed entries raise ValueError.
-    """
-    if label_key not in LABEL_KEYS:
-        raise ValueError(f"label_key must be one of {LABEL_KEYS}, got {label_key!r}")
-    raw = sample.get(label_key)
-    if raw is None:
-        return None
-    try:
-        if label_key == "cls":
-            return int(raw)
-        doc = json.loads(raw)
-        value = next((doc[f] for f in ("label", "cls") if isinstance(doc, dict) and f in doc), None)
-        if value is None:
-            return None
-        if isinstance(value, bool) or float(value) != int(value):
-            raise ValueError(f"not an integer: {value!r}")
-        return int(value)
-    except (ValueError, TypeError, UnicodeDecodeError) as exc:
-        raise ValueError(f"sample {sample.get('__key__')}: unreadable .{label_key} label ({exc})") from None
-
-
-class DataError(RuntimeError):
-    """A shard or sample that cannot be used. The message names the shard's URL and, where known, the sample's key;
-    it is plain text, so it crosses process boundaries (DataLoader workers, Ray's error reports) intact."""
-
-
-class ChecksumError(DataError):
-    """A shard whose sha256 is not the manifest's."""
-
-
-OnError = Callable[[DataError, int], None]  # (the problem, samples lost) -> None, or raise
-
-
-def raise_error(error: DataError, lost: int) -> None:
-    raise error
-
-
-class HashingReader:
-    """Read-through wrapper computing the sha256 of everything read (tarfile's stream mode only calls read)."""
-
-    def __init__(self, f: BinaryIO):
-        self.f, self.digest = f, hashlib.sha256()
-
-    def read(self, size: int = -1) -> bytes:
-        data = self.f.read(size)
-        self.digest.update(data)
-        return data
-
-    def hexdigest_of_all(self) -> str:
-        """The file's sha256: hash whatever was left unread (the rest of the shard, end-of-archive padding) first."""
-        while self.read(1 << 20):
-            pass
-        return self.digest.hexdigest()
-
-
-_VERIFIED: set[tuple[str, str]] = set()  # (url, sha256) this process has checked: each shard is hashed once
-
-
-def _read_shard(url: str, limit: int | None = None, sha256: str | None = None,
-                on_error: OnError = raise_error) -> Iterator[tuple[str, bytes, int]]:
-    """(key, image bytes, label) of the first ``limit`` (default: all) samples of one shard, streamed via fsspec.
-
-    The label is the ``.cls`` entry if the sample has one, else the ``.json`` entry's (see :func:`sample_label`).
-    ``sha256``: the manifest's checksum; the first read of the shard in this process hashes it as it streams (and
-    the rest of the file after ``limit``), and a mismatch is reported when the shard ends. Every problem (a
-    truncated or unreadable tar, a sample without image or label, fewer samples than promised, a checksum
-    mismatch) goes to ``on_error`` as a :class:`DataError` with the samples it costs: the default raises; a
-    skipping policy records it, and reading goes on with the next sample (or the next shard).
-    """
-    if limit is not None and limit <= 0:
-        return
-    count, key = 0, None
-    check = sha256 if sha256 and (url, sha256) not in _VERIFIED else None
-    try:
-        with fsspec.open(url, "rb") as raw:
-            stream = HashingReader(raw) if check else raw
-            for sample in group_by_keys(tar_file_expander([{"url": url, "stream": stream}])):
-                key = sample["__key__"]
-                image = next((sample[ext] for ext in IMAGE_EXTENSIONS if ext in sample), None)
-                try:
-                    label = sample_label(sample, "cls") if "cls" in sample else sample_label(sample, "json")
-                except ValueError as exc:
-                    label, image = None, None
-                    reason = str(exc)
-                else:
-                    reason = (f"lacks an image ({'/'.join(IMAGE_EXTENSIONS)}) or a label (.cls, or .json with a "
-                              '"label" or "cls" integer)')
-                count += 1
-                if image is None or label is None:
-                    on_error(DataError(f"shard {url}: sample {key} {reason}"), 1)
-                else:
-                    yield key, image, label
-                if limit is not None and count >= limit:
-                    break
-            got = stream.hexdigest_of_all() if check else None
-    except DataError:
-        raise
-    except Exception as exc:  # noqa: BLE001 - a truncated tar, a lost connection: name the shard and where
-        where = f"after sample {key}" if key else "before its first sample"
-        expected = f" of the {limit} the manifest promises" if limit else ""
-        failure = DataError(f"shard {url}: unreadable {where} ({count} samples read{expected}): "
-                            f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}")
-    else:
-        failure = None
-    if failure is not None:  # reported outside the except block: the user sees this error, not a chain
-        on_error(failure, max((limit or count) - count, 0))
-        return
-    if limit is not None and count < limit:
-        on_error(DataError(f"shard {url} ends after sample {key} with {count} samples, fewer than the {limit} the "
-                           "manifest promises (a truncated or rewritten shard)"), limit - count)
-    if check:
-        if got != check:
-            on_error(ChecksumError(f"shard {url}: sha256 {got} differs from the manifest's {check}: the shard is "
-                                   "corrupt or was changed after the manifest was written (data.verify_checksums: "
-                                   "false skips this check)"), 0)
-        else:
-            _VERIFIED.add((url, check))
-
-
-def iter_samples(urls: str | list[str]) -> Iterator[tuple[str, bytes, int]]:
-    """(key, image bytes, label) from shard URLs or a brace pattern ("dir/shard-{000000..000003}.tar").
-
-    A string is expanded webdataset-style (braces; "::" separates several patterns).
+    Args:
+        urls: shard URLs, or a webdataset brace pattern ("dir/shard-{000000..000003}.tar"; "::" separates several).
     """
     for url in expand_urls(urls) if isinstance(urls, str) else list(urls):
-        yield from _read_shard(url)
+        yield from read_shard(url)
 
 
 def _slot() -> tuple[int, int]:
@@ -336,7 +207,7 @@ class ShardDataset(IterableDataset):
             raise ValueError(f"cache_mb must be >= 0, got {cache_mb}")
         # The memory cache (module docstring): raw records of whole clean slices, and decoded images, per process.
         self.cache_bytes, self._cache_used = int(cache_mb * 2**20), 0
-        self._cached_records: dict[str, list[tuple[str, bytes, int]]] = {}
+        self._cached_records: dict[str, list[Record]] = {}
         self._decoded: dict[tuple[str, str], np.ndarray] = {}
         # [loader worker slot, (samples skipped, shards failing their checksum)], summed by problem_counts(); one row
         # per DataLoader worker so no two processes add to the same number. Shared by make_loader like _epoch_state.
@@ -411,17 +282,17 @@ class ShardDataset(IterableDataset):
                 for key, image, label in itertools.islice(records, lo, None):
                     yield key, image, label, piece.url
 
-    def _read_slice(self, piece: ShardSlice, limit: int) -> Iterator[tuple[str, bytes, int]]:
-        """:func:`_read_shard` of the slice's first ``limit`` records; a whole slice read with no problem reported
-        (nothing skipped, the checksum matched) stays in the memory cache if it fits."""
+    def _read_slice(self, piece: ShardSlice, limit: int) -> Iterator[Record]:
+        """``shard_format.read_shard`` of the slice's first ``limit`` records; a whole slice read with no problem
+        reported (nothing skipped, the checksum matched) stays in the memory cache if it fits."""
         problems: list[DataError] = []
 
         def on_error(error: DataError, lost: int) -> None:
             problems.append(error)
             self._record_problem(error, lost)
 
-        kept: list[tuple[str, bytes, int]] | None = [] if limit == piece.num_samples and self.cache_bytes else None
-        for record in _read_shard(piece.url, limit, piece.sha256 if self.verify_checksums else None, on_error):
+        kept: list[Record] | None = [] if limit == piece.num_samples and self.cache_bytes else None
+        for record in read_shard(piece.url, limit, piece.sha256 if self.verify_checksums else None, on_error):
             if kept is not None:
                 kept.append(record)
             yield record

@@ -60,14 +60,19 @@ from typing import Any
 
 import fsspec
 import numpy as np
-import webdataset as wds
 from PIL import Image
 from webdataset.shardlists import expand_urls
-from webdataset.tariterators import group_by_keys, tar_file_expander
 
-from workers.data.manifest import MANIFEST_NAME, Manifest, ShardInfo, _join, _normalize_url, write_manifest
-from workers.data.reader import IMAGE_EXTENSIONS, LABEL_KEYS, HashingReader, sample_label
-from workers.data.writer import _TAR_MTIME, SHARD_PATTERN, _HashingWriter
+from workers.data.manifest import MANIFEST_NAME, Manifest, ShardInfo, join_url, normalize_url, write_manifest
+from workers.data.shard_format import (
+    IMAGE_EXTENSIONS,
+    LABEL_KEYS,
+    SHARD_PATTERN,
+    HashingStream,
+    sample_label,
+    tar_samples,
+    write_shard,
+)
 
 SORTED_PREFIX_FRACTION = 0.03  # the compared prefix: ~3 % of the split ...
 SORTED_MIN_PER_CLASS = 10  # ... but at least this many samples per class where the split allows
@@ -96,7 +101,7 @@ def expand_pattern(urls_pattern: str) -> list[str]:
         raise ValueError(f"bad shard pattern {urls_pattern!r}: {exc}") from None
     if not urls or any(c in url for url in urls for c in "{}"):
         raise ValueError(f"bad shard pattern {urls_pattern!r}: expected e.g. 'dir/train-{{000000..001023}}.tar'")
-    return [_normalize_url(url) for url in urls]
+    return [normalize_url(url) for url in urls]
 
 
 def _check_exist(urls: list[str], urls_pattern: str) -> None:
@@ -134,9 +139,9 @@ def _scan_shard(url: str, label_key: str, sink: Sink | None = None) -> _ShardSca
     """Stream one tar once: sha256, labels in order, image sizes; hand each sample to ``sink`` if given."""
     scan = _ShardScan(url)
     with fsspec.open(url, "rb") as f:
-        reader = HashingReader(f)
+        reader = HashingStream(f)
         try:
-            for sample in group_by_keys(tar_file_expander([{"url": url, "stream": reader}])):
+            for sample in tar_samples(url, reader):
                 where = f"{url}: sample {sample['__key__']}"
                 ext = next((e for e in IMAGE_EXTENSIONS if e in sample), None)
                 label = sample_label(sample, label_key)
@@ -172,7 +177,7 @@ def _read_class_names(classes: str | None, labels_max: int) -> list[str]:
     """Class names from a file (one per line, line i = label i), else "0" .. "K-1" for the labels seen."""
     if classes is None:
         return [str(i) for i in range(labels_max + 1)]
-    with fsspec.open(_normalize_url(classes), "r") as f:
+    with fsspec.open(normalize_url(classes), "r") as f:
         names = [line.strip() for line in f.read().splitlines()]
     while names and not names[-1]:
         names.pop()
@@ -270,7 +275,7 @@ def index_webdataset(
     scans = [_scan_shard(url, label_key) for url in urls]
     labels = np.fromiter((label for scan in scans for label in scan.labels), dtype=np.int64)
     names = _read_class_names(classes, int(labels.max()))
-    folder = _join(_normalize_url(out_dir), split)
+    folder = join_url(normalize_url(out_dir), split)
     if check_sorted:
         check_not_sorted(labels, f"the corpus {urls_pattern!r}")
     shards = [
@@ -278,7 +283,7 @@ def index_webdataset(
         for scan in scans
     ]
     manifest = Manifest(
-        url=_join(folder, MANIFEST_NAME),
+        url=join_url(folder, MANIFEST_NAME),
         split=split,
         shards=shards,
         class_names=names,
@@ -332,16 +337,6 @@ class _Buckets:
             yield from records
 
 
-def _write_raw_shard(url: str, records: list[tuple[str, str, bytes, int]]) -> str:
-    """A tar of (key, extension, image bytes, label) samples, images copied unchanged; returns its sha256."""
-    with fsspec.open(url, "wb") as f:
-        out = _HashingWriter(f)
-        with wds.TarWriter(out, encoder=False, mtime=_TAR_MTIME) as tar:
-            for key, ext, image, label in records:
-                tar.write({"__key__": key, ext: image, "cls": str(label).encode("ascii")})
-    return out.digest.hexdigest()
-
-
 def reshard(
     urls_pattern: str,
     out_dir: str,
@@ -375,7 +370,7 @@ def reshard(
         scans = [_scan_shard(url, label_key, sink=buckets.add) for url in urls]
         buckets.flush()
         class_names = _read_class_names(classes, max(max(scan.labels) for scan in scans))
-        folder = _join(_normalize_url(out_dir), split)
+        folder = join_url(normalize_url(out_dir), split)
         fs, path = fsspec.core.url_to_fs(folder)
         fs.makedirs(path, exist_ok=True)
         shards: list[ShardInfo] = []
@@ -383,7 +378,7 @@ def reshard(
 
         def flush() -> None:
             name = SHARD_PATTERN.format(len(shards))
-            sha = _write_raw_shard(_join(folder, name), pending)
+            sha = write_shard(join_url(folder, name), pending)  # images copied unchanged
             counts = np.bincount([label for *_, label in pending], minlength=len(class_names)).tolist()
             shards.append(ShardInfo(name, len(pending), sha, counts))
             pending.clear()
@@ -397,7 +392,7 @@ def reshard(
     finally:
         shutil.rmtree(temp, ignore_errors=True)
     manifest = Manifest(
-        url=_join(folder, MANIFEST_NAME),
+        url=join_url(folder, MANIFEST_NAME),
         split=split,
         shards=shards,
         class_names=class_names,

@@ -17,27 +17,21 @@ key) or JPEG (``jpg`` key, ``jpeg_quality``; several times smaller for photograp
 
 from __future__ import annotations
 
-import hashlib
 import io
 import math
 import posixpath
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Literal
 
 import fsspec
 import numpy as np
-import webdataset as wds
 from PIL import Image
 
-from workers.data.manifest import MANIFEST_NAME, Manifest, ShardInfo, _join, _normalize_url, write_manifest
+from workers.data.manifest import MANIFEST_NAME, Manifest, ShardInfo, join_url, normalize_url, write_manifest
+from workers.data.shard_format import SHARD_PATTERN, write_shard
 
-SHARD_PATTERN = "shard-{:06d}.tar"
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")  # image files an ImageFolder tree may hold
 DEFAULT_SPLITS = {"train": 0.7, "val": 0.1, "test": 0.2}
-_TAR_MTIME = 0  # fixed tar entry timestamps: the same data gives byte-identical shards and checksums
-
-
-
 
 ImageFormat = Literal["png", "jpeg"]
 _SAMPLE_EXTENSION = {"png": "png", "jpeg": "jpg"}  # webdataset keys: the reader accepts png, jpg, jpeg, webp
@@ -53,26 +47,11 @@ def encode_image(image: np.ndarray, image_format: ImageFormat = "png", jpeg_qual
     return buf.getvalue()
 
 
-def encode_png(image: np.ndarray) -> bytes:
-    return encode_image(image, "png")
-
-
 def _check_format(image_format: str, jpeg_quality: int) -> None:
     if image_format not in _SAMPLE_EXTENSION:
         raise ValueError(f"image_format must be 'png' or 'jpeg', got {image_format!r}")
     if not 1 <= jpeg_quality <= 100:
         raise ValueError(f"jpeg_quality must be in 1..100, got {jpeg_quality}")
-
-
-class _HashingWriter:
-    """Write-through file wrapper that computes the sha256 of everything written (tar streams only call write)."""
-
-    def __init__(self, f):
-        self.f, self.digest = f, hashlib.sha256()
-
-    def write(self, data) -> int:
-        self.digest.update(data)
-        return self.f.write(data)
 
 
 def _write_shard(
@@ -82,20 +61,20 @@ def _write_shard(
     image_format: ImageFormat = "png",
     jpeg_quality: int = 95,
 ) -> str:
+    """Encode (key, image, label) samples and write them as one shard; returns its sha256."""
     ext = _SAMPLE_EXTENSION[image_format]
-    with fsspec.open(url, "wb") as f:
-        out = _HashingWriter(f)
-        with wds.TarWriter(out, encoder=False, mtime=_TAR_MTIME) as tar:
-            for key, image, label in samples:
-                shape = image.shape
-                if image.dtype != np.uint8 or len(shape) != 3 or shape[2] != 3 or min(shape[:2]) != image_size:
-                    raise ValueError(
-                        f"sample {key}: expected a uint8 HxWx3 array with shorter side {image_size}, "
-                        f"got {image.dtype} {image.shape}"
-                    )
-                data = encode_image(image, image_format, jpeg_quality)
-                tar.write({"__key__": key, ext: data, "cls": str(int(label)).encode("ascii")})
-    return out.digest.hexdigest()
+
+    def encoded() -> Iterator[tuple[str, str, bytes, int]]:
+        for key, image, label in samples:
+            shape = image.shape
+            if image.dtype != np.uint8 or len(shape) != 3 or shape[2] != 3 or min(shape[:2]) != image_size:
+                raise ValueError(
+                    f"sample {key}: expected a uint8 HxWx3 array with shorter side {image_size}, "
+                    f"got {image.dtype} {image.shape}"
+                )
+            yield key, ext, encode_image(image, image_format, jpeg_quality), label
+
+    return write_shard(url, encoded())
 
 
 def write_split(
@@ -118,7 +97,7 @@ def write_split(
     if samples_per_shard <= 0:
         raise ValueError(f"samples_per_shard must be positive, got {samples_per_shard}")
     _check_format(image_format, jpeg_quality)
-    folder = _join(_normalize_url(out_dir), split)
+    folder = join_url(normalize_url(out_dir), split)
     fs, path = fsspec.core.url_to_fs(folder)
     fs.makedirs(path, exist_ok=True)
 
@@ -127,7 +106,7 @@ def write_split(
 
     def flush() -> None:
         name = SHARD_PATTERN.format(len(shards))
-        sha = _write_shard(_join(folder, name), pending, image_size, image_format, jpeg_quality)
+        sha = _write_shard(join_url(folder, name), pending, image_size, image_format, jpeg_quality)
         counts = np.bincount([label for _, _, label in pending], minlength=len(class_names)).tolist()
         shards.append(ShardInfo(name, len(pending), sha, counts))  # class_counts: exact prefix histograms
         pending.clear()
@@ -145,7 +124,7 @@ def write_split(
         raise ValueError(f"split {split!r}: no samples to write")
 
     manifest = Manifest(
-        url=_join(folder, MANIFEST_NAME),
+        url=join_url(folder, MANIFEST_NAME),
         split=split,
         shards=shards,
         class_names=list(class_names),
@@ -217,7 +196,7 @@ def shards_from_digits(
 
 def _list_imagefolder(root: str) -> tuple[list[str], list[tuple[str, int]]]:
     """(sorted class names, [(image URL, label)]) of ``root/<class>/*.{jpg,jpeg,png}``, with clear errors."""
-    root = _normalize_url(root)
+    root = normalize_url(root)
     fs, path = fsspec.core.url_to_fs(root)
     is_local = "://" not in root
     if not fs.isdir(path):
@@ -237,7 +216,7 @@ def _list_imagefolder(root: str) -> tuple[list[str], list[tuple[str, int]]]:
             if e["type"] == "file" and e["name"].lower().endswith(IMAGE_EXTENSIONS)
         )
         if not images:
-            raise ValueError(f"class folder {_join(root, name)} contains no .jpg/.jpeg/.png images")
+            raise ValueError(f"class folder {join_url(root, name)} contains no .jpg/.jpeg/.png images")
         files.extend((p if is_local else fs.unstrip_protocol(p), label) for p in images)
     return [name for name, _ in class_dirs], files
 
