@@ -1,1 +1,2 @@
-"""Speed benchmarks behind ``mixer-study bench`` (``benchmarks.run``), and ``benchmarks.vs_timm``."""
+"""Speed benchmarks: ``mixer-study bench`` runs one module per section (``benchmarks.run``); ``benchmarks.vs_timm``
+compares our training step with timm's."""

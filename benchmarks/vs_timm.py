@@ -2,12 +2,12 @@
 
 timm is not a dependency of mixer-study (PyPI's torchvision, which timm imports, does not load beside torch
 2.13). Run this in a throwaway environment that sees the project's venv and has timm (docs/benchmarks.md
-"Against timm" has the four commands). Both models go through the SAME step (``benchmarks.run.train_step_fn``:
+"Against timm" has the four commands). Both models go through the SAME step (``benchmarks.train_step.train_step_fn``:
 schedule, autocast forward, sigmoid loss, exact global-norm clipping, foreach AdamW of ``build_optimizer``), on
 the same synthetic batch, so the ratio measures the models' forward and backward only. The cases alternate
 round by round so that all of them see the same background load; the figure is the median step time.
 
-    python benchmarks/vs_timm.py --threads 2 --out bench-results/vs_timm.json
+    python -m benchmarks.vs_timm --threads 2 --out bench-results/vs_timm.json
 """
 
 from __future__ import annotations
@@ -19,17 +19,17 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from types import ModuleType
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from benchmarks.run import format_table, train_step_fn  # noqa: E402
-from workers.config import OptimConfig  # noqa: E402
-from workers.models.registry import build_model, forward_flops, train_flops_per_image  # noqa: E402
-from workers.training.optim import build_optimizer  # noqa: E402
-from workers.training.precision import cpu_has_fast_bf16  # noqa: E402
-from workers.training.throughput import measured_matmul_flops  # noqa: E402
+from benchmarks.common import format_table
+from benchmarks.train_step import train_step_fn
+from workers.config import OptimConfig
+from workers.models.registry import build_model, forward_flops, train_flops_per_image
+from workers.training.optim import build_optimizer
+from workers.training.precision import cpu_has_fast_bf16
+from workers.training.throughput import measured_matmul_flops
 
 TIMM_NAMES = {"S-32": "mixer_s32_224", "S-16": "mixer_s16_224", "B-32": "mixer_b32_224", "B-16": "mixer_b16_224"}
 NUM_CLASSES = 1000
@@ -46,12 +46,17 @@ class _TimmAsOurs(torch.nn.Module):
         return self.model(x), {}
 
 
-def _timm_model(name: str) -> torch.nn.Module:
+def _import_timm() -> ModuleType:
+    """timm, or an exit that says how to get it (it is not a dependency of mixer-study)."""
     try:
         import timm
     except ImportError as exc:
         raise SystemExit(f"vs_timm: timm is not importable ({exc}); see docs/benchmarks.md 'Against timm'") from exc
-    return _TimmAsOurs(timm.create_model(TIMM_NAMES[name], num_classes=NUM_CLASSES))
+    return timm
+
+
+def _timm_model(name: str) -> torch.nn.Module:
+    return _TimmAsOurs(_import_timm().create_model(TIMM_NAMES[name], num_classes=NUM_CLASSES))
 
 
 def _cases(name: str, precision: str, compile_ours: bool) -> dict[str, tuple[torch.nn.Module, torch.nn.Module]]:
@@ -126,6 +131,7 @@ def main() -> None:
     parser.add_argument("--precisions", nargs="+", default=None, help="default: fp32, and bf16 where it is fast")
     parser.add_argument("--out", default="bench-results/vs_timm.json")
     args = parser.parse_args()
+    timm = _import_timm()  # before the minutes of timing, not after them
     if len(args.batch_sizes) != len(args.variants):
         raise SystemExit(f"--batch-sizes needs one value per variant ({len(args.variants)}), got {args.batch_sizes}")
     torch.set_num_threads(args.threads)
@@ -139,8 +145,6 @@ def main() -> None:
                 row["train_utilisation"] = row["train_flops_per_s"] / matmul[precision]
                 row["infer_utilisation"] = row["infer_flops_per_s"] / matmul[precision]
                 rows.append(row)
-    import timm
-
     print(f"threads {args.threads}, torch {torch.__version__}, timm {timm.__version__}, "
           f"matmul 2048^3: " + ", ".join(f"{p} {v / 1e9:.1f} GFLOP/s" for p, v in matmul.items()))
     print(format_table(

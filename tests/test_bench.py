@@ -1,4 +1,4 @@
-"""benchmarks.run: a tiny end-to-end run (seconds) whose JSON is checked for structure and for every figure being
+"""benchmarks: a tiny end-to-end run (seconds) whose JSON is checked for structure and for every figure being
 positive and finite, never for its size; the bench's training step against the Trainer's; the orchestration study
 against the study validator and planner (the study itself needs an embedded Ray for ~100 s, so the test run leaves
 it out)."""
@@ -12,7 +12,9 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.run import orchestration_study, quick_config, run_benchmarks, train_step_fn
+from benchmarks.orchestration import orchestration_study
+from benchmarks.run import quick_config, run_benchmarks
+from benchmarks.train_step import train_step_fn
 from pipeline.plan import plan_study
 from pipeline.spec import parse_study
 from workers.config import TrialConfig
