@@ -25,6 +25,7 @@ import functools
 import math
 import random
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -404,15 +405,59 @@ def cutout(
     return out
 
 
-RANDAUG_OPS = (
-    "AutoContrast", "Equalize", "Invert", "Rotate", "Posterize", "Solarize", "Color", "Contrast",
-    "Brightness", "Sharpness", "ShearX", "ShearY", "TranslateX", "TranslateY", "Cutout", "SolarizeAdd",
-)  # distort_image_with_randaugment's available_ops, in its order
+LevelToArgs = Callable[[float, random.Random], tuple]  # (level = magnitude / _MAX_LEVEL, rng) -> the op's arguments
 
 
-def _negate(value: float, rng: random.Random) -> float:
-    """TF ``_randomly_negate_tensor``: the sign flips with probability 1/2."""
-    return value if rng.random() < 0.5 else -value
+def _signed(scale: float) -> LevelToArgs:
+    """``+-level * scale``, the sign flipped with probability 1/2 (TF ``_randomly_negate_tensor``: one rng draw)."""
+    return lambda level, rng: (level * scale if rng.random() < 0.5 else -(level * scale),)
+
+
+def _truncated(scale: int) -> LevelToArgs:
+    """``int(level * scale)`` (posterize bits, solarize thresholds, cutout half-size)."""
+    return lambda level, rng: (int(level * scale),)
+
+
+def _enhance_factor(level: float, rng: random.Random) -> tuple:
+    """TF ``_enhance_level_to_arg``: a blend factor in [0.1, 1.9] at magnitudes 0..10."""
+    return (level * 1.8 + 0.1,)
+
+
+@dataclass(frozen=True)
+class RandAugOp:
+    """One RandAugment op: its arguments at a level (autoaugment.py ``level_to_arg``) and how it applies them.
+
+    Args:
+        apply: ``apply(image, *args)`` -> image; with ``random_centre`` also a last ``(cy, cx)`` argument.
+        level_to_args: (level, rng) -> args, ``level = magnitude / _MAX_LEVEL``, unclipped as TF.
+        random_centre: draw a centre uniformly over the image after the args (TF's cutout), ``cy`` then ``cx``.
+    """
+
+    apply: Callable[..., np.ndarray]
+    level_to_args: LevelToArgs = lambda level, rng: ()  # the ops without arguments
+    random_centre: bool = False
+
+
+# The op table, in distort_image_with_randaugment's available_ops order: RandAugment draws an index into it.
+RANDAUG_OPS: dict[str, RandAugOp] = {
+    "AutoContrast": RandAugOp(autocontrast),
+    "Equalize": RandAugOp(equalize),
+    "Invert": RandAugOp(invert),
+    "Rotate": RandAugOp(rotate, _signed(30.0)),
+    "Posterize": RandAugOp(posterize, _truncated(4)),
+    "Solarize": RandAugOp(solarize, _truncated(256)),
+    "Color": RandAugOp(color, _enhance_factor),
+    "Contrast": RandAugOp(contrast, _enhance_factor),
+    "Brightness": RandAugOp(brightness, _enhance_factor),
+    "Sharpness": RandAugOp(sharpness, _enhance_factor),
+    "ShearX": RandAugOp(shear_x, _signed(0.3)),
+    "ShearY": RandAugOp(shear_y, _signed(0.3)),
+    "TranslateX": RandAugOp(translate_x, _signed(float(_TRANSLATE_CONST))),
+    "TranslateY": RandAugOp(translate_y, _signed(float(_TRANSLATE_CONST))),
+    "Cutout": RandAugOp(cutout, _truncated(_CUTOUT_CONST), random_centre=True),
+    "SolarizeAdd": RandAugOp(solarize_add, _truncated(110)),
+}
+_RANDAUG_NAMES = tuple(RANDAUG_OPS)  # the table's order, indexable
 
 
 def level_to_arg(name: str, magnitude: float, rng: random.Random) -> tuple:
@@ -421,35 +466,16 @@ def level_to_arg(name: str, magnitude: float, rng: random.Random) -> tuple:
     No clipping above ``_MAX_LEVEL`` = 10, as TF: magnitude 15 is rotate +-45 deg, shear +-0.45,
     translate +-150 px, enhance factor 2.8, posterize 6 bits, solarize threshold 384 (acts as 128), solarize_add
     165, cutout half-size 60 px. Translate and cutout are absolute pixels (tuned for 224 px images).
+
+    Args:
+        name: a key of :data:`RANDAUG_OPS`.
+        magnitude: RandAugment's magnitude (10 = each op's "full" strength).
+        rng: draws the random sign of rotate, shear and translate.
     """
-    level = magnitude / _MAX_LEVEL
-    if name in ("AutoContrast", "Equalize", "Invert"):
-        return ()
-    if name == "Rotate":
-        return (_negate(level * 30.0, rng),)
-    if name == "Posterize":
-        return (int(level * 4),)
-    if name == "Solarize":
-        return (int(level * 256),)
-    if name == "SolarizeAdd":
-        return (int(level * 110),)
-    if name in ("Color", "Contrast", "Brightness", "Sharpness"):
-        return (level * 1.8 + 0.1,)
-    if name in ("ShearX", "ShearY"):
-        return (_negate(level * 0.3, rng),)
-    if name in ("TranslateX", "TranslateY"):
-        return (_negate(level * float(_TRANSLATE_CONST), rng),)
-    if name == "Cutout":
-        return (int(level * _CUTOUT_CONST),)
-    raise ValueError(f"unknown RandAugment op {name!r}; known: {', '.join(RANDAUG_OPS)}")
-
-
-_OPS: dict[str, Callable[..., np.ndarray]] = {
-    "AutoContrast": autocontrast, "Equalize": equalize, "Invert": invert, "Rotate": rotate,
-    "Posterize": posterize, "Solarize": solarize, "SolarizeAdd": solarize_add, "Color": color,
-    "Contrast": contrast, "Brightness": brightness, "Sharpness": sharpness, "ShearX": shear_x,
-    "ShearY": shear_y, "TranslateX": translate_x, "TranslateY": translate_y,
-}
+    op = RANDAUG_OPS.get(name)
+    if op is None:
+        raise ValueError(f"unknown RandAugment op {name!r}; known: {', '.join(RANDAUG_OPS)}")
+    return op.level_to_args(magnitude / _MAX_LEVEL, rng)
 
 
 class RandAugment:
@@ -459,6 +485,7 @@ class RandAugment:
     layers) and ALWAYS applies it at the shared magnitude: the TF code draws a probability in [0.2, 0.8] per op
     but never uses it (``tf.cond`` only tests the op index), so neither does this port. Geometric ops and cutout
     fill with grey 128.
+    ``num_layers`` ops in a row, at ``magnitude`` (see :func:`level_to_arg`).
     """
 
     def __init__(self, num_layers: int, magnitude: float):
@@ -467,16 +494,17 @@ class RandAugment:
         self.num_layers, self.magnitude = int(num_layers), float(magnitude)
 
     def apply_op(self, name: str, image: np.ndarray, rng: random.Random) -> np.ndarray:
-        """Apply one op at this magnitude (random sign / cutout centre drawn from ``rng``)."""
+        """Apply one op at this magnitude (random sign, then cutout centre, drawn from ``rng``)."""
         args = level_to_arg(name, self.magnitude, rng)
-        if name == "Cutout":
+        op = RANDAUG_OPS[name]
+        if op.random_centre:
             h, w = image.shape[:2]
-            return cutout(image, args[0], (rng.randrange(h), rng.randrange(w)))
-        return _OPS[name](image, *args)
+            args = (*args, (rng.randrange(h), rng.randrange(w)))
+        return op.apply(image, *args)
 
     def __call__(self, image: np.ndarray, rng: random.Random) -> np.ndarray:
         for _ in range(self.num_layers):
-            image = self.apply_op(RANDAUG_OPS[rng.randrange(len(RANDAUG_OPS))], image, rng)
+            image = self.apply_op(_RANDAUG_NAMES[rng.randrange(len(_RANDAUG_NAMES))], image, rng)
         return image
 
 
