@@ -90,7 +90,7 @@ def test_cpu_accounting_includes_child_processes() -> None:
     import sys
     import time
 
-    from workers.training.trainer import process_tree_cpu_seconds
+    from workers.training.loop import process_tree_cpu_seconds
 
     before, own_before = process_tree_cpu_seconds(), time.process_time()
     child = subprocess.Popen([sys.executable, "-c", "import time\nend = time.process_time() + 0.6\n"

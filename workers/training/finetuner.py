@@ -1,8 +1,9 @@
 """Fine-tuning one pre-trained checkpoint at one learning rate on one worker, without Ray: the paper's §3 recipe.
 
-:class:`FineTuner` is the fine-tuning counterpart of :class:`workers.training.trainer.Trainer` (same shape: set-up,
-``train_step``, ``evaluate``, ``state_dict``/``load_state_dict``, ``fit(report)``), and ``workers.training.ray_entry``'s
-``finetune_loop_per_worker`` is its Ray Train shell.
+:class:`FineTuner` is the fine-tuning counterpart of :class:`workers.training.trainer.Trainer`: both run the one step
+loop of :class:`workers.training.loop.StepLoop` and supply only what differs (model, optimiser, update rule, report
+cadence and contents, evaluation data); ``workers.training.ray_entry``'s ``finetune_loop_per_worker`` is its Ray Train
+shell.
 
 The recipe (paper §3 "Fine-tuning" and Supplementary C; ViT's setup, which the paper follows):
 
@@ -30,13 +31,11 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from workers.config import TrialConfig
@@ -47,28 +46,16 @@ from workers.data.reader import ShardDataset, make_loader
 from workers.models.registry import forward_flops
 from workers.models.resolution import to_resolution
 from workers.training.checkpoint import load_model
-from workers.training.optim import classification_loss, clip_by_global_norm
+from workers.training.loop import LogFn, LoopProgress, StepLogNames, StepLoop, gradient_update, infinite
 from workers.training.precision import resolve_precision
-from workers.training.trainer import (
-    ReportFn,
-    _infinite,
-    _sum_over_ranks,
-    evaluate_split,
-    process_tree_cpu_seconds,
-    sync_device,
-)
 
 __all__ = ["FineTuner", "FinetuneProgress", "cosine_multiplier", "model_forward_flops", "reset_head"]
 
 
 @dataclasses.dataclass
-class FinetuneProgress:
-    """What a resumed fine-tuning run carries over from earlier segments (saved in every checkpoint)."""
-
-    step: int = 0
-    wall_seconds: float = 0.0    # wall time of all segments (training, evaluation, checkpointing)
-    train_seconds: float = 0.0   # time inside training steps only
-    cpu_seconds: float = 0.0     # CPU time of every worker and its DataLoader processes, all segments
+class FinetuneProgress(LoopProgress):
+    """What a resumed fine-tuning run carries over from earlier segments (saved in every checkpoint): the loop's
+    step, wall, train and CPU seconds, nothing more."""
 
 
 def cosine_multiplier(step: int, total_steps: int, warmup_steps: int) -> float:
@@ -104,17 +91,29 @@ def model_forward_flops(model: nn.Module, image_size: int) -> int:
     return forward_flops(model.variant, image_size, model.num_classes, getattr(model, "in_chans", 3))
 
 
-class FineTuner:
-    """Model, optimiser and data of one fine-tuning run (one learning rate) on one worker.
+class FineTuner(StepLoop):
+    """Model, optimiser and data of one fine-tuning run (one learning rate) on one worker; the step loop is
+    :class:`workers.training.loop.StepLoop`'s.
+
+    Reports every ``max(finetune.steps // 4, 1)`` steps with a checkpoint and the mean training loss since the last
+    report; the last one also carries ``finetune/top1`` (and ``finetune/val_top1``) and the compute accounting. A
+    segment resumed from the final checkpoint only evaluates and reports (without a checkpoint).
 
     Args:
         pretrained: the pre-trained checkpoint folder (``workers.training.checkpoint``: model.json + state.pt); read
-        here. trial: the trial's recipe: ``trial.finetune`` is the fine-tuning block (must be enabled); ``trial.data``
+            here.
+        trial: the trial's recipe: ``trial.finetune`` is the fine-tuning block (must be enabled); ``trial.data``
             gives the augmentation, shuffle buffer and loader processes, ``trial.train`` the seed, precision and
             ``log_every``.
         lr: the peak learning rate (one value of ``finetune.lr``).
         rank, world_size, device, cores, wrap_model, log: as :class:`workers.training.trainer.Trainer`.
     """
+
+    step_log_names = StepLogNames(loss="finetune/train_loss", lr="finetune/lr", grad_norm="finetune/grad_norm",
+                                  img_per_s="perf/finetune_img_per_s")
+    seed_stream = (17,)  # distinct from the pre-training streams of the same seed
+    unlogged_report_keys = frozenset({"step", "finetune/lr"})  # the lr is logged at log_every steps
+    reports_when_resumed_done = True
 
     def __init__(
         self,
@@ -127,8 +126,9 @@ class FineTuner:
         device: torch.device | None = None,
         cores: int = 1,
         wrap_model: Callable[[nn.Module], nn.Module] = lambda module: module,
-        log: Callable[[dict[str, float], int], None] | None = None,
+        log: LogFn | None = None,
     ) -> None:
+        super().__init__(trial, rank=rank, world_size=world_size, device=device, cores=cores, log=log)
         ft = trial.finetune
         if not ft.enabled:
             raise ValueError("trial.finetune is not enabled: give finetune.train and finetune.test")
@@ -136,11 +136,8 @@ class FineTuner:
             raise ValueError(f"lr must be positive, got {lr}")
         if ft.batch_size % world_size:
             raise ValueError(f"finetune.batch_size {ft.batch_size} is not divisible by the {world_size} workers")
-        self.trial, self.finetune, self.lr = trial, ft, float(lr)
-        self.rank, self.world_size = rank, world_size
-        self.device = device or torch.device("cpu")
-        self.cores = max(1, cores)
-        self.log = log
+        self.finetune, self.lr = ft, float(lr)
+        self.total_steps, self.batch_size, self.loss_name = ft.steps, ft.batch_size, "softmax"
         self.train_manifest = load_manifest(ft.train)
         self.test_manifest = load_manifest(ft.test)
         # picks the lr of a sweep (pipeline.finetune_sweep)
@@ -176,24 +173,15 @@ class FineTuner:
     # -- state ---------------------------------------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
-        return {"model": self.module.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "progress": dataclasses.asdict(self.progress), "lr": self.lr, "image_size": self.image_size}
+        return {**super().state_dict(), "lr": self.lr, "image_size": self.image_size}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state.get("lr") != self.lr or state.get("image_size") != self.image_size:
             raise ValueError(f"checkpoint of fine-tuning at lr {state.get('lr')}, {state.get('image_size')} px;"
                              f" this run is lr {self.lr}, {self.image_size} px")
-        self.module.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.progress = FinetuneProgress(**state["progress"])
+        super().load_state_dict(state)
 
     # -- data ----------------------------------------------------------------------------------------------------
-
-    def _seed(self, *parts: int) -> int:
-        seed = self.trial.train.seed * 1_000_003 + 17  # distinct from the pre-training streams of the same seed
-        for part in parts:
-            seed = seed * 1_000_003 + part
-        return seed % 2**63
 
     def train_batches(self) -> Iterator[tuple[Tensor, Tensor]]:
         """The endless stream of this rank over the whole ``finetune.train`` split; a resumed segment gets a new
@@ -204,8 +192,8 @@ class FineTuner:
             seed=self._seed(self.progress.step), repeat=True, shuffle_buffer=data.shuffle_buffer,
             augment=self.augment, image_size=self.image_size, permute=self.permute, cache_mb=data.cache_mb,
         )
-        per_rank = self.finetune.batch_size // self.world_size
-        return _infinite(make_loader(dataset, per_rank, data.loader_workers, pin_memory=self.device.type == "cuda"))
+        per_rank = self.batch_size // self.world_size
+        return infinite(make_loader(dataset, per_rank, data.loader_workers, pin_memory=self.device.type == "cuda"))
 
     def eval_loader(self, manifest: Manifest):
         """A whole downstream split (``finetune.test`` or ``finetune.val``) through the evaluation view, a disjoint
@@ -214,12 +202,9 @@ class FineTuner:
             fraction_slices(manifest, 1.0), train=False, rank=self.rank, world_size=self.world_size,
             augment=self.augment, image_size=self.image_size, permute=self.permute,
         )
-        return make_loader(dataset, self.finetune.batch_size // self.world_size, self.trial.data.loader_workers)
+        return make_loader(dataset, self.batch_size // self.world_size, self.trial.data.loader_workers)
 
-    def _autocast(self):
-        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16")
-
-    # -- steps ---------------------------------------------------------------------------------------------------
+    # -- the update and the reports ------------------------------------------------------------------------------
 
     def set_lr(self, step: int) -> float:
         """Set the learning rate of update number ``step``: ``lr * cosine_multiplier(step)``; returns it."""
@@ -228,116 +213,44 @@ class FineTuner:
             group["lr"] = lr
         return lr
 
-    def train_step(self, images: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
-        """One SGD update on this rank's batch; returns (loss, pre-clip gradient norm) as device tensors."""
-        images = images.to(self.device, non_blocking=True)
-        labels = labels.to(self.device, non_blocking=True)
+    def _update(self, images: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
+        """Momentum SGD at the cosine schedule's learning rate, softmax cross-entropy."""
         self.set_lr(self.progress.step)
-        with self._autocast():
-            logits, _ = self.model(images)
-        loss = classification_loss(logits, F.one_hot(labels, self.num_classes).float(), "softmax")
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        grad_norm = clip_by_global_norm(self.module.parameters(), self.finetune.grad_clip)
-        self.optimizer.step()
-        self.progress.step += 1
-        return loss.detach(), grad_norm.detach()
+        return gradient_update(self.model, self.module, self.optimizer, images, targets, self.loss_name,
+                               self.finetune.grad_clip, self._autocast())
 
-    def evaluate(self, loader) -> tuple[float, float]:
-        """(mean softmax cross-entropy, top-1) over the whole split, summed across ranks."""
-        return evaluate_split(self.module, loader, self.device, self.num_classes, "softmax", self._autocast())
+    def _is_report_step(self, step: int) -> bool:
+        return step % self.checkpoint_every == 0
 
-    def _sync(self) -> None:
-        sync_device(self.device)
+    def _is_checkpoint_step(self, step: int) -> bool:
+        return step % self.checkpoint_every == 0
 
-    # -- the loop ------------------------------------------------------------------------------------------------
-
-    def fit(self, report: ReportFn) -> None:
-        """Fine-tune from ``progress.step`` to ``finetune.steps``. ``report(metrics, with_checkpoint)`` (all ranks:
-        Ray's report is a barrier) every ``max(steps // 4, 1)`` steps with a checkpoint and the mean training loss
-        since the last report; the last one also carries ``finetune/top1`` and the compute accounting. A segment
-        resumed from the final checkpoint only evaluates and reports (without a checkpoint)."""
-        ft, progress = self.finetune, self.progress
-        log_every = self.trial.train.log_every
-        if self.device.type == "cpu":
-            torch.set_num_threads(self.cores)
-        torch.manual_seed(self._seed(progress.step, self.rank, 13))  # stochastic depth / dropout, if any
-        segment = (time.perf_counter(), process_tree_cpu_seconds(), progress.wall_seconds, progress.cpu_seconds)
-        if progress.step >= ft.steps:
-            self._report(report, segment, torch.zeros(()), 0, with_checkpoint=False)
-            return
-        batches = self.train_batches()
-        report_loss, report_steps = torch.zeros((), device=self.device), 0
-        log_loss, log_steps = torch.zeros((), device=self.device), 0
-        window_time, log_time = 0.0, 0.0  # since the last host sync (-> train_seconds); since the last log
-        self.module.train()
-        while progress.step < ft.steps:
-            started = time.perf_counter()
-            images, labels = next(batches)
-            loss, grad_norm = self.train_step(images, labels)
-            report_loss += loss
-            log_loss += loss
-            report_steps += 1
-            log_steps += 1
-            step = progress.step
-            at_log = step % log_every == 0 or step == ft.steps
-            at_checkpoint = step % self.checkpoint_every == 0 or step == ft.steps
-            if at_log or at_checkpoint:
-                self._sync()
-            elapsed = time.perf_counter() - started
-            window_time += elapsed
-            log_time += elapsed
-            if at_log:
-                if self.log:
-                    self.log({"finetune/train_loss": log_loss.item() / log_steps,
-                              "finetune/lr": self.optimizer.param_groups[0]["lr"],
-                              "finetune/grad_norm": float(grad_norm),
-                              "perf/finetune_img_per_s": log_steps * ft.batch_size / log_time}, step)
-                log_loss.zero_()
-                log_steps, log_time = 0, 0.0
-            if at_log or at_checkpoint:
-                progress.train_seconds += window_time
-                window_time = 0.0
-            if at_checkpoint:
-                self._report(report, segment, report_loss, report_steps, with_checkpoint=True)
-                report_loss.zero_()
-                report_steps = 0
-
-    def _report(self, report: ReportFn, segment: tuple[float, float, float, float], loss_sum: Tensor,
-                steps: int, with_checkpoint: bool) -> None:
-        start, cpu_start, wall_before, cpu_before = segment
-        progress = self.progress
-        metrics: dict[str, float] = {"step": progress.step, "finetune/lr": self.optimizer.param_groups[0]["lr"]}
-        if steps:
-            metrics["finetune/loss"] = loss_sum.item() / steps  # mean training loss since the last report
-        final = progress.step >= self.finetune.steps
-        if final:
+    def _report_metrics(self, loss_sum: Tensor, loss_steps: int, with_checkpoint: bool) -> dict[str, float]:
+        metrics: dict[str, float] = {"finetune/lr": self.optimizer.param_groups[0]["lr"]}
+        if loss_steps:
+            metrics["finetune/loss"] = loss_sum.item() / loss_steps  # mean training loss since the last report
+        if self.progress.step >= self.total_steps:
             test_loss, top1 = self.evaluate(self.eval_loader(self.test_manifest))
             metrics.update({"finetune/top1": top1, "finetune/test_loss": test_loss})
             if self.val_manifest is not None:
                 val_loss, val_top1 = self.evaluate(self.eval_loader(self.val_manifest))
                 metrics.update({"finetune/val_top1": val_top1, "finetune/val_loss": val_loss})
-        # Ray's report is a barrier anyway, so summing the CPU time over ranks here costs no extra wait.
-        (segment_cpu,) = _sum_over_ranks([process_tree_cpu_seconds() - cpu_start], self.device)
-        progress.wall_seconds = wall_before + time.perf_counter() - start
-        progress.cpu_seconds = cpu_before + segment_cpu
-        if final:
-            metrics.update(self.compute_metrics())
-        if self.log:
-            self.log({k: v for k, v in metrics.items() if k not in ("step", "finetune/lr")}, progress.step)
-        report(metrics, with_checkpoint)
+        return metrics
+
+    def _accounted_metrics(self, measured: dict[str, float], rank_sums: list[float],
+                           with_checkpoint: bool) -> dict[str, float]:
+        return self.compute_metrics() if self.progress.step >= self.total_steps else {}
 
     def compute_metrics(self) -> dict[str, float]:
         """Compute of the whole fine-tuning run (all resumed segments), separate from pre-training's."""
         progress = self.progress
-        images = progress.step * self.finetune.batch_size
-        allocated = self.world_size * (self.cores if self.device.type == "cpu" else 1)
+        images = progress.step * self.batch_size
         return {
             "finetune/image_size": self.image_size,
             "compute/finetune_flops": 3.0 * self.forward_flops_per_image * images,  # 3 x forward, as pre-training
             "compute/finetune_images_seen": images,
             "compute/finetune_seconds": progress.train_seconds,
             "compute/finetune_wall_seconds": progress.wall_seconds,
-            "compute/finetune_core_seconds": progress.wall_seconds * allocated,
+            "compute/finetune_core_seconds": progress.wall_seconds * self.allocated_cores,
             "compute/finetune_cpu_seconds": progress.cpu_seconds,
         }

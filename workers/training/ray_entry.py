@@ -27,6 +27,7 @@ from workers.data.permute import permute_spec
 from workers.models.registry import build_model
 from workers.training.checkpoint import load_model, read_state, write_checkpoint
 from workers.training.finetuner import FineTuner
+from workers.training.loop import ReportFn, StepLoop
 from workers.training.throughput import inference_throughput, peak_flops
 from workers.training.trainer import Trainer
 
@@ -109,7 +110,7 @@ def best_model(trainer: Trainer) -> nn.Module:
     return model.to(trainer.device).eval()
 
 
-def _resume(learner: Trainer | FineTuner, rank: int, what: str) -> None:
+def _resume(learner: StepLoop, rank: int, what: str) -> None:
     """Load this Ray Train run's latest checkpoint into ``learner`` (Ray hands it to every worker when it restarts
     or resumes the run; None on a fresh start)."""
     checkpoint = ray.train.get_checkpoint()
@@ -119,7 +120,7 @@ def _resume(learner: Trainer | FineTuner, rank: int, what: str) -> None:
         log.info("rank %d resumes %s from step %d", rank, what, learner.progress.step)
 
 
-def _reporter(learner: Trainer | FineTuner, rank: int, tracker) -> Callable[[dict[str, float], bool], None]:
+def _reporter(learner: StepLoop, rank: int, tracker) -> ReportFn:
     """``report(metrics, with_checkpoint)`` for ``learner.fit``: ``ray.train.report`` on every rank (a barrier), rank 0
     attaching the checkpoint folder (DDP replicas are identical, one copy is enough); MLflow flushed first."""
     def report(metrics: dict[str, float], with_checkpoint: bool) -> None:
