@@ -7,7 +7,7 @@ workers the pre-training run held are free again by then), so it uses the trial'
 Each learning rate is its own Ray Train run ``<trial>-finetune-lr<lr>`` in the trial's storage: Ray Train V2
 resumes a run by name, so a retried or resumed trial continues each fine-tuning run from its latest checkpoint
 (one finished already only re-evaluates its final checkpoint). Ray Train's own retry is off, as for pre-training:
-retries are Tune's one layer (see ``pipeline.trial``).
+retries are Tune's one layer (``pipeline.ray_policy``).
 
 Metrics (returned; the caller logs them to the trial's MLflow run):
 
@@ -35,6 +35,7 @@ from typing import Any
 import ray.train
 from ray.train.torch import TorchTrainer
 
+from pipeline.ray_policy import train_run_config, worker_scaling
 from pipeline.tracking import checkpoint_uri
 from workers.config import TrialConfig
 from workers.training.ray_entry import finetune_loop_per_worker
@@ -80,10 +81,7 @@ def run_finetune(job: dict[str, Any], checkpoint: ray.train.Checkpoint, mlflow: 
     ft = trial.finetune
     if not ft.enabled:
         return {}
-    gpus = {"GPU": job["gpus_per_worker"]} if job.get("gpus_per_worker") else {}
-    scaling = ray.train.ScalingConfig(
-        num_workers=job["workers"], use_gpu=bool(gpus), resources_per_worker={"CPU": job["cpus_per_worker"], **gpus},
-    )
+    scaling = worker_scaling(job["workers"], job["cpus_per_worker"], job.get("gpus_per_worker") or 0)
     results: dict[float, ray.train.Result] = {}
     for lr in ft.lr:
         trainer = TorchTrainer(
@@ -91,12 +89,8 @@ def run_finetune(job: dict[str, Any], checkpoint: ray.train.Checkpoint, mlflow: 
             train_loop_config={"trial": job["trial"], "pretrained": checkpoint, "lr": lr, "mlflow": mlflow,
                                "metric_suffix": f"_{lr_tag(lr)}", "cpus_per_worker": job["cpus_per_worker"]},
             scaling_config=scaling,
-            run_config=ray.train.RunConfig(
-                name=finetune_run_name(job["name"], lr),
-                storage_path=job["storage"],
-                checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1),  # the latest: resume and the result
-                failure_config=ray.train.FailureConfig(max_failures=0),  # retries: Tune's layer only
-            ),
+            # keep the latest checkpoint only: it resumes the run and is its result
+            run_config=train_run_config(finetune_run_name(job["name"], lr), job["storage"], keep_checkpoints=1),
         )
         result = trainer.fit()
         if "finetune/top1" not in (result.metrics or {}):

@@ -7,8 +7,13 @@ existing run restarts from that run's latest checkpoint. Trial names are determi
 
 Retries have ONE layer: Ray Tune's ``FailureConfig(max_failures=resources.max_failures)``. A failed attempt (a
 worker, its node or the trial driver lost, or a deterministic error) is retried as a whole trial, which resumes
-from the last checkpoint; Ray Train's own retry is off, so a deterministic failure runs 1 + max_failures times,
-not (1 + max_failures)². Each attempt increments the run's ``mixer.attempts`` tag.
+from the last checkpoint; Ray Train's own retry is off (``pipeline.ray_policy``). Each attempt increments the run's
+``mixer.attempts`` tag.
+
+:func:`run_trial` runs in named steps: :func:`_open_run` (create or continue the trial's MLflow run) ->
+:func:`_fit` (pre-training) -> :func:`_best_and_logged` (the best checkpoint, checked against what the workers
+logged) -> few-shot (logged by the workers' rank 0) and fine-tuning (``pipeline.finetune_sweep``) ->
+:func:`_close_run`.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from mlflow.entities import RunStatus
 from ray.train.torch import TorchTrainer
 
 from pipeline.finetune_sweep import run_finetune
+from pipeline.ray_policy import train_run_config, worker_scaling
 from pipeline.spec import StudyError, StudySpec
 from pipeline.tracking import DataSplit, checkpoint_uri, experiment_id, log_dataset_inputs, trial_run
 from pipeline.trial_worker import trial_loop_per_worker
@@ -47,6 +53,11 @@ log = logging.getLogger(__name__)
 
 STUDY_TRIAL, ONE_OFF = "trial", "train"  # MLflow roles: a study's grid point, or a `mixer-study train` run
 ATTEMPTS_TAG = "mixer.attempts"  # how many times the trial started (1 + retries + resumes)
+SPOOL = "mlflow-spool"  # folder name of the MLflow records that wait for the store (workers.training.mlflow_logger)
+
+# When the previous trial run in this process ended (0: none). Tune reuses a trial driver's process for the next
+# trial (pipeline.tune, reuse_actors), so the process start is the first trial's start only.
+_previous_trial_end = 0.0
 
 
 @dataclass
@@ -89,7 +100,14 @@ def best_checkpoint(result: ray.train.Result) -> tuple[ray.train.Checkpoint, dic
     return max(candidates, key=lambda cm: (cm[1]["val/acc"], cm[1]["step"]))
 
 
-def _params(trial: TrialConfig, job: TrialJob, manifest: Manifest) -> dict[str, Any]:
+def trial_params(trial: TrialConfig, job: TrialJob, manifest: Manifest) -> dict[str, Any]:
+    """The MLflow params of a trial's run: its flattened recipe, the data facts it resolves to, its resources.
+
+    Args:
+        trial: the trial's recipe.
+        job: the trial's job (its resources).
+        manifest: the training split's manifest.
+    """
     return {**flatten(trial), "data.image_size": trial.data.image_size or manifest.image_size,
             "data.num_classes": manifest.num_classes, "data.train_images": subset_size(manifest, trial.data.fraction),
             "resources.workers": job.workers, "resources.cpus_per_worker": job.cpus_per_worker,
@@ -129,7 +147,7 @@ def refuse_changed_rerun(job_dict: dict[str, Any]) -> None:
         {STUDY_TAG: job.study, TRIAL_TAG: job.name, ROLE_TAG: job.role}), max_results=1)
     if not runs:
         return
-    new = {k: str(v)[:6000] for k, v in _params(trial, job, load_manifest(trial.data.train)).items()}
+    new = {k: str(v)[:6000] for k, v in trial_params(trial, job, load_manifest(trial.data.train)).items()}
     old = runs[0].data.params
     # A field added to the recipe after the run was made is absent from its params: at its default it changes
     # nothing the run did, so only a non-default value counts as an edit.
@@ -143,95 +161,135 @@ def refuse_changed_rerun(job_dict: dict[str, Any]) -> None:
 
 
 def run_trial(job_dict: dict[str, Any], in_tune: bool = False) -> dict[str, float]:
-    """Train one trial and evaluate it; returns the trial's final metrics (also logged to its MLflow run)."""
-    global _previous_trial_end
+    """Train one trial and evaluate it; returns the trial's final metrics (also logged to its MLflow run).
+
+    Args:
+        job_dict: the trial's :class:`TrialJob` as a dict (:func:`make_job`).
+        in_tune: running as Ray Tune's function trainable: report each result to Tune too.
+    """
     job = TrialJob(**job_dict)
     trial = TrialConfig.model_validate(job.trial)
     client = mlflow.tracking.MlflowClient(job.tracking_uri)
-    exp_id = experiment_id(client, job.experiment)
-    manifest = load_manifest(trial.data.train)
-    run_id = trial_run(client, exp_id, job.study, job.parent_run_id, job.name, _params(trial, job, manifest),
-                       role=job.role)
-    attempts = int(client.get_run(run_id).data.tags.get(ATTEMPTS_TAG, "0")) + 1
-    client.set_tag(run_id, ATTEMPTS_TAG, str(attempts))
-    client.set_tag(run_id, "mixer.grid_point", ",".join(f"{k}={v}" for k, v in job.point.items()) or "base")
     spool = spool_url(job.storage, job.name)
-    with fail_fast_http():
-        replay_spool(client, spool)  # an earlier attempt's records first, so this attempt's follow them in order
+    run_id, manifest = _open_run(client, job, trial, spool)
+    worker_mlflow = {"tracking_uri": job.tracking_uri, "run_id": run_id, "system_metrics": job.system_metrics,
+                     "spool": spool}
     run_log: RunLogger | None = None
     ok = False
     try:
         log_dataset_inputs(client, run_id, _dataset_inputs(trial, manifest))
-        callbacks = []
-        if in_tune:
-            from ray.tune.integration.ray_train import TuneReportCallback
-
-            callbacks.append(TuneReportCallback())
-        gpus = {"GPU": job.gpus_per_worker} if job.gpus_per_worker else {}
-        worker_mlflow = {"tracking_uri": job.tracking_uri, "run_id": run_id, "system_metrics": job.system_metrics,
-                         "spool": spool}
-        trainer = TorchTrainer(
-            trial_loop_per_worker,
-            train_loop_config={"trial": job.trial, "mlflow": worker_mlflow, "cpus_per_worker": job.cpus_per_worker},
-            scaling_config=ray.train.ScalingConfig(
-                num_workers=job.workers, use_gpu=job.gpus_per_worker > 0,
-                resources_per_worker={"CPU": job.cpus_per_worker, **gpus},
-            ),
-            run_config=ray.train.RunConfig(
-                name=job.name,
-                storage_path=job.storage,
-                checkpoint_config=ray.train.CheckpointConfig(
-                    num_to_keep=trial.train.keep_checkpoints,
-                    checkpoint_score_attribute="val/acc",
-                    checkpoint_score_order="max",
-                ),
-                failure_config=ray.train.FailureConfig(max_failures=0),  # retries: Tune's layer only (docstring)
-                callbacks=callbacks,
-            ),
-        )
-        result = trainer.fit()
+        result = _fit(job, trial, worker_mlflow, in_tune)
         # From here on the store may be down (training did not need it): what it does not take is spooled.
         run_log = RunLogger(job.tracking_uri, run_id, spool=spool)
-        checkpoint, best_metrics = best_checkpoint(result)
-        run_log.set_tag("checkpoint.best", checkpoint_uri(checkpoint))
-        run_log.set_tag("ray.train_run", result.path)
-        logged = None if run_log.spooling else _run_metrics(client, run_id)
-        if logged is not None:
-            # The workers logged best/* (at the last step) and, on rank 0, the few-shot of the best model to this
-            # run; every metric is logged once, by whoever computed it.
-            if logged.get("best/step") != best_metrics["step"]:
-                raise RuntimeError(f"trial {job.name}: the workers' best step {logged.get('best/step')} is not Ray's "
-                                   f"best checkpoint (step {best_metrics['step']})")
-            if trial.fewshot.enabled and not any(k.startswith("fewshot/") for k in logged):
-                raise RuntimeError(f"trial {job.name}: the workers logged no few-shot metrics to run {run_id}")
-        else:
-            log.warning("trial %s: MLflow does not answer; its records wait in %s for `mixer-study sync`", job.name,
-                        spool)
-            logged = dict(result.metrics or {})  # the last report's best/*; the few-shot is in the spool
+        checkpoint, logged = _best_and_logged(client, job, trial, result, run_id, run_log, spool)
         final: dict[str, float] = {}
         if trial.finetune.enabled:  # the paper's fine-tuning of the best checkpoint, on the trial's resources
             final.update(run_finetune(job_dict, checkpoint, worker_mlflow, run_log.set_tag))
-        # This attempt started when its process did (Tune or the `train` verb launched it), or, in a process that Tune
-        # reuses for one trial after another, when the previous trial in it ended. With the end, the span whose parts
-        # outside the step loop are the per-trial overhead (analysis.timeline). Logged once, at the end.
-        final.update({"time/trial_start_unix": max(psutil.Process().create_time(), _previous_trial_end),
-                      "time/trial_end_unix": time.time()})
+        final.update(_trial_span())
         run_log.log(final, trial.train.steps)  # skips what an earlier attempt already logged
         ok = True
         headline = {k: v for k, v in logged.items() if k.split("/")[0] in ("best", "fewshot")}
         return {**headline, **{k: v for k, v in final.items() if k.startswith("finetune/")}}
     finally:
-        run_log = run_log or RunLogger(job.tracking_uri, run_id, spool=spool)
-        run_log.close(RunStatus.to_string(RunStatus.FINISHED if ok else RunStatus.FAILED))
-        _previous_trial_end = time.time()
+        _close_run(run_log or RunLogger(job.tracking_uri, run_id, spool=spool), ok)
 
 
-# When the previous trial run in this process ended (0: none). Tune reuses a trial driver's process for the next
-# trial (pipeline.tune, reuse_actors), so the process start is the first trial's start only.
-_previous_trial_end = 0.0
+def _open_run(client: mlflow.tracking.MlflowClient, job: TrialJob, trial: TrialConfig,
+              spool: str) -> tuple[str, Manifest]:
+    """Create the trial's MLflow run or continue it (same study, name and role), count this attempt, and send the
+    records an earlier attempt spooled; returns (run id, the training split's manifest).
+
+    Args:
+        client: the tracking store's client.
+        job: the trial's job.
+        trial: its recipe.
+        spool: where its MLflow records wait while the store is down (:func:`spool_url`).
+    """
+    exp_id = experiment_id(client, job.experiment)
+    manifest = load_manifest(trial.data.train)
+    run_id = trial_run(client, exp_id, job.study, job.parent_run_id, job.name, trial_params(trial, job, manifest),
+                       role=job.role)
+    attempts = int(client.get_run(run_id).data.tags.get(ATTEMPTS_TAG, "0")) + 1
+    client.set_tag(run_id, ATTEMPTS_TAG, str(attempts))
+    client.set_tag(run_id, "mixer.grid_point", ",".join(f"{k}={v}" for k, v in job.point.items()) or "base")
+    with fail_fast_http():
+        replay_spool(client, spool)  # an earlier attempt's records first, so this attempt's follow them in order
+    return run_id, manifest
 
 
-SPOOL = "mlflow-spool"  # folder name of the MLflow records that wait for the store (workers.training.mlflow_logger)
+def _fit(job: TrialJob, trial: TrialConfig, worker_mlflow: dict[str, Any], in_tune: bool) -> ray.train.Result:
+    """Pre-train: the trial's Ray Train run (resumed by name from its latest checkpoint).
+
+    Args:
+        job: the trial's job.
+        trial: its recipe.
+        worker_mlflow: the workers' logging config (tracking_uri, run_id, system_metrics, spool).
+        in_tune: also report every result to Ray Tune.
+    """
+    callbacks = []
+    if in_tune:
+        from ray.tune.integration.ray_train import TuneReportCallback
+
+        callbacks.append(TuneReportCallback())
+    trainer = TorchTrainer(
+        trial_loop_per_worker,
+        train_loop_config={"trial": job.trial, "mlflow": worker_mlflow, "cpus_per_worker": job.cpus_per_worker},
+        scaling_config=worker_scaling(job.workers, job.cpus_per_worker, job.gpus_per_worker),
+        run_config=train_run_config(job.name, job.storage, trial.train.keep_checkpoints, score_metric="val/acc",
+                                    callbacks=callbacks),
+    )
+    return trainer.fit()
+
+
+def _best_and_logged(client: mlflow.tracking.MlflowClient, job: TrialJob, trial: TrialConfig,
+                     result: ray.train.Result, run_id: str, run_log: RunLogger,
+                     spool: str) -> tuple[ray.train.Checkpoint, dict[str, float]]:
+    """The best checkpoint (tagged on the run) and the run's metrics, checked against it: the workers logged
+    best/* (at the last step) and, on rank 0, the few-shot of the best model; every metric is logged once, by whoever
+    computed it. With the store down: the last report's metrics (the few-shot waits in the spool).
+
+    Args:
+        client: the tracking store's client.
+        job: the trial's job.
+        trial: its recipe.
+        result: the pre-training run's result.
+        run_id: the trial's MLflow run.
+        run_log: the driver's logger of that run.
+        spool: where the run's records wait while the store is down.
+    """
+    checkpoint, best_metrics = best_checkpoint(result)
+    run_log.set_tag("checkpoint.best", checkpoint_uri(checkpoint))
+    run_log.set_tag("ray.train_run", result.path)
+    logged = None if run_log.spooling else _run_metrics(client, run_id)
+    if logged is None:
+        log.warning("trial %s: MLflow does not answer; its records wait in %s for `mixer-study sync`", job.name, spool)
+        return checkpoint, dict(result.metrics or {})
+    if logged.get("best/step") != best_metrics["step"]:
+        raise RuntimeError(f"trial {job.name}: the workers' best step {logged.get('best/step')} is not Ray's "
+                           f"best checkpoint (step {best_metrics['step']})")
+    if trial.fewshot.enabled and not any(k.startswith("fewshot/") for k in logged):
+        raise RuntimeError(f"trial {job.name}: the workers logged no few-shot metrics to run {run_id}")
+    return checkpoint, logged
+
+
+def _trial_span() -> dict[str, float]:
+    """This attempt's start and end (unix seconds): the span whose parts outside the step loop are the per-trial
+    overhead (analysis.timeline). It started when its process did (Tune or the `train` verb launched it), or, in a
+    process that Tune reuses for one trial after another, when the previous trial in it ended."""
+    return {"time/trial_start_unix": max(psutil.Process().create_time(), _previous_trial_end),
+            "time/trial_end_unix": time.time()}
+
+
+def _close_run(run_log: RunLogger, ok: bool) -> None:
+    """End the trial's MLflow run as FINISHED or FAILED, and note when this process's trial ended.
+
+    Args:
+        run_log: the driver's logger of the run.
+        ok: whether the trial finished.
+    """
+    global _previous_trial_end
+    run_log.close(RunStatus.to_string(RunStatus.FINISHED if ok else RunStatus.FAILED))
+    _previous_trial_end = time.time()
 
 
 def spool_url(trial_storage: str, name: str) -> str:

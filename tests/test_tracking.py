@@ -211,7 +211,7 @@ def test_rerun_refused_for_an_edit_but_not_for_a_field_added_since(tracking_uri:
     field at its default changes nothing the run did, a non-default value is an edit (named in the error)."""
     from pipeline.plan import plan_study
     from pipeline.spec import StudyError, parse_study
-    from pipeline.trial import TrialJob, _params, make_job, refuse_changed_rerun
+    from pipeline.trial import TrialJob, make_job, refuse_changed_rerun, trial_params
     from tests.conftest import study_dict
     from workers.data.manifest import load_manifest
     from workers.training.mlflow_logger import ROLE_TAG, STUDY_TAG, TRIAL_TAG
@@ -223,7 +223,7 @@ def test_rerun_refused_for_an_edit_but_not_for_a_field_added_since(tracking_uri:
         return make_job(spec, "train-base", trial, {}, tracking_uri=tracking_uri, storage=str(tmp_path), role="train")
 
     client = MlflowClient(tracking_uri)
-    params = _params(config, TrialJob(**job(config)), load_manifest(config.data.train))
+    params = trial_params(config, TrialJob(**job(config)), load_manifest(config.data.train))
     stored = {k: v for k, v in params.items() if k not in ("data.on_error", "data.verify_checksums")}  # an old run
     run = client.create_run(experiment_id(client, spec.experiment),
                             tags={STUDY_TAG: "rerun", TRIAL_TAG: "train-base", ROLE_TAG: "train"})
