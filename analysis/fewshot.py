@@ -10,6 +10,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from workers.names import fewshot_metric, fewshot_std_metric
+
 # Constant appended to every feature vector. The ridge penalty acts on its
 # weight like on any other, but a large feature needs only a small weight for a
 # given bias, so the bias is almost unregularised (big_vision's BIAS_CONSTANT).
@@ -160,6 +162,6 @@ def fewshot_metrics(results: dict[int, dict]) -> dict[str, float]:
     """Flat MLflow metric names: {"fewshot/5shot": mean, "fewshot/5shot_std": std, ...}."""
     metrics = {}
     for k, r in results.items():
-        metrics[f"fewshot/{k}shot"] = float(r["mean"])
-        metrics[f"fewshot/{k}shot_std"] = float(r["std"])
+        metrics[fewshot_metric(k)] = float(r["mean"])
+        metrics[fewshot_std_metric(k)] = float(r["std"])
     return metrics

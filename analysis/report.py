@@ -14,7 +14,8 @@ from mlflow.tracking import MlflowClient
 
 from analysis import figures
 from analysis.results import export, load_study
-from workers.training.mlflow_logger import ROLE_TAG, STUDY_TAG, tag_filter
+from workers.names import ROLE_STUDY, ROLE_TAG, STUDY_TAG
+from workers.training.mlflow_logger import tag_filter
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +96,7 @@ def build_report(tracking_uri: str, study: str, out_dir: str | Path, experiment:
 def _log_artifacts(tracking_uri: str, study: str, experiment: str, paths: list[Path]) -> None:
     client = MlflowClient(tracking_uri)
     exp = client.get_experiment_by_name(experiment)
-    runs = client.search_runs([exp.experiment_id], tag_filter({STUDY_TAG: study, ROLE_TAG: "study"}),
+    runs = client.search_runs([exp.experiment_id], tag_filter({STUDY_TAG: study, ROLE_TAG: ROLE_STUDY}),
                               max_results=1)
     if not runs:
         log.warning("no parent run for study %s: figures not logged to MLflow", study)

@@ -38,11 +38,24 @@ from ray.train.torch import TorchTrainer
 from pipeline.ray_policy import train_run_config, worker_scaling
 from pipeline.tracking import checkpoint_uri
 from workers.config import TrialConfig
+from workers.names import (
+    COMPUTE_FINETUNE_CORE_SECONDS,
+    COMPUTE_FINETUNE_FLOPS,
+    COMPUTE_FINETUNE_SECONDS,
+    FINETUNE_BEST_LR,
+    FINETUNE_BEST_LR_TAG,
+    FINETUNE_CHECKPOINT_TAG,
+    FINETUNE_IMAGE_SIZE,
+    FINETUNE_RUN_TAG,
+    FINETUNE_TOP1,
+    FINETUNE_VAL_TOP1,
+    finetune_top1_at,
+)
 from workers.training.ray_entry import finetune_loop_per_worker
 
 log = logging.getLogger(__name__)
 
-SUMMED = ("compute/finetune_flops", "compute/finetune_core_seconds", "compute/finetune_seconds")
+SUMMED = (COMPUTE_FINETUNE_FLOPS, COMPUTE_FINETUNE_CORE_SECONDS, COMPUTE_FINETUNE_SECONDS)
 
 
 def lr_tag(lr: float) -> str:
@@ -61,10 +74,10 @@ def select_lr(metrics: dict[float, dict[str, Any]], order: tuple[float, ...]) ->
     by ``FinetuneConfig``, so a run without ``finetune/val_top1`` can only be a single learning rate."""
     if len(metrics) == 1:
         return next(iter(metrics))
-    missing = [f"{lr:g}" for lr, m in metrics.items() if "finetune/val_top1" not in m]
+    missing = [f"{lr:g}" for lr, m in metrics.items() if FINETUNE_VAL_TOP1 not in m]
     if missing:
         raise RuntimeError(f"fine-tuning runs at lr {', '.join(missing)} reported no finetune/val_top1 to select by")
-    return max(metrics, key=lambda lr: (metrics[lr]["finetune/val_top1"], -order.index(lr)))
+    return max(metrics, key=lambda lr: (metrics[lr][FINETUNE_VAL_TOP1], -order.index(lr)))
 
 
 def run_finetune(job: dict[str, Any], checkpoint: ray.train.Checkpoint, mlflow: dict[str, Any],
@@ -93,24 +106,24 @@ def run_finetune(job: dict[str, Any], checkpoint: ray.train.Checkpoint, mlflow: 
             run_config=train_run_config(finetune_run_name(job["name"], lr), job["storage"], keep_checkpoints=1),
         )
         result = trainer.fit()
-        if "finetune/top1" not in (result.metrics or {}):
+        if FINETUNE_TOP1 not in (result.metrics or {}):
             raise RuntimeError(f"fine-tuning run {result.path} (lr {lr:g}) reported no finetune/top1")
-        log.info("%s: fine-tuned at lr %g: top-1 %.4f", job["name"], lr, result.metrics["finetune/top1"])
+        log.info("%s: fine-tuned at lr %g: top-1 %.4f", job["name"], lr, result.metrics[FINETUNE_TOP1])
         results[lr] = result
 
     best_lr = select_lr({lr: r.metrics for lr, r in results.items()}, ft.lr)
     best = results[best_lr]
     metrics: dict[str, float] = {
-        "finetune/top1": best.metrics["finetune/top1"],
-        "finetune/best_lr": best_lr,
-        **({"finetune/val_top1": best.metrics["finetune/val_top1"]} if ft.val else {}),
-        "finetune/image_size": best.metrics["finetune/image_size"],
+        FINETUNE_TOP1: best.metrics[FINETUNE_TOP1],
+        FINETUNE_BEST_LR: best_lr,
+        **({FINETUNE_VAL_TOP1: best.metrics[FINETUNE_VAL_TOP1]} if ft.val else {}),
+        FINETUNE_IMAGE_SIZE: best.metrics[FINETUNE_IMAGE_SIZE],
         **{key: sum(float(r.metrics[key]) for r in results.values()) for key in SUMMED},
     }
     if ft.image_size:
-        metrics[f"finetune/top1_{ft.image_size}px"] = metrics["finetune/top1"]
-    set_tag("finetune.best_lr", f"{best_lr:g}")
-    set_tag("ray.finetune_run", best.path)
+        metrics[finetune_top1_at(ft.image_size)] = metrics[FINETUNE_TOP1]
+    set_tag(FINETUNE_BEST_LR_TAG, f"{best_lr:g}")
+    set_tag(FINETUNE_RUN_TAG, best.path)
     if best.checkpoint is not None:
-        set_tag("finetune.checkpoint", checkpoint_uri(best.checkpoint))
+        set_tag(FINETUNE_CHECKPOINT_TAG, checkpoint_uri(best.checkpoint))
     return metrics

@@ -25,7 +25,8 @@ from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT, MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 
 from pipeline.spec import StudyError
-from workers.training.mlflow_logger import ROLE_TAG, STUDY_TAG, TRIAL_TAG, fail_fast_http, tag_filter
+from workers.names import GIT_COMMIT_TAG, ROLE_STUDY, ROLE_TAG, ROLE_TRIAL, STUDY_TAG, TRIAL_TAG
+from workers.training.mlflow_logger import fail_fast_http, tag_filter
 
 log = logging.getLogger(__name__)
 
@@ -119,18 +120,18 @@ def git_commit() -> str:
 
 def study_run(client: MlflowClient, exp_id: str, study: str, params: dict[str, Any]) -> str:
     """The study's parent run id: found by tag, else created with ``params`` (spec summary) logged."""
-    run = _find_run(client, exp_id, {STUDY_TAG: study, ROLE_TAG: "study"})
+    run = _find_run(client, exp_id, {STUDY_TAG: study, ROLE_TAG: ROLE_STUDY})
     if run:
         client.update_run(run.info.run_id, status="RUNNING")
         return run.info.run_id
-    run = client.create_run(exp_id, run_name=study, tags={STUDY_TAG: study, ROLE_TAG: "study",
-                                                          "mixer.git_commit": git_commit()})
+    run = client.create_run(exp_id, run_name=study, tags={STUDY_TAG: study, ROLE_TAG: ROLE_STUDY,
+                                                          GIT_COMMIT_TAG: git_commit()})
     log_params(client, run.info.run_id, params)
     return run.info.run_id
 
 
 def trial_run(client: MlflowClient, exp_id: str, study: str, parent_run_id: str | None, trial: str,
-              params: dict[str, Any], role: str = "trial") -> str:
+              params: dict[str, Any], role: str = ROLE_TRIAL) -> str:
     """The trial's run id: the existing run of this (study, name, role) (status set back to RUNNING), else a new
     one. ``role`` is "trial" for a study's grid point (what analysis.results reads) or "train" for a one-off run."""
     tags = {STUDY_TAG: study, TRIAL_TAG: trial, ROLE_TAG: role}

@@ -39,20 +39,30 @@ from pipeline.trial_worker import trial_loop_per_worker
 from workers.config import TrialConfig, flat_defaults, flatten
 from workers.data.fractions import subset_size
 from workers.data.manifest import Manifest, load_manifest
-from workers.training.mlflow_logger import (
+from workers.names import (
+    ATTEMPTS_TAG,
+    BEST_CHECKPOINT_TAG,
+    BEST_PREFIX,
+    BEST_STEP,
+    FEWSHOT_PREFIX,
+    FINETUNE_PREFIX,
+    GRID_POINT_TAG,
     ROLE_TAG,
+    ROLE_TRAIN,
+    ROLE_TRIAL,
+    STEP,
     STUDY_TAG,
+    TIME_TRIAL_END_UNIX,
+    TIME_TRIAL_START_UNIX,
+    TRAIN_RUN_TAG,
     TRIAL_TAG,
-    RunLogger,
-    fail_fast_http,
-    replay_spool,
-    tag_filter,
+    VAL_ACC,
 )
+from workers.training.mlflow_logger import RunLogger, fail_fast_http, replay_spool, tag_filter
 
 log = logging.getLogger(__name__)
 
-STUDY_TRIAL, ONE_OFF = "trial", "train"  # MLflow roles: a study's grid point, or a `mixer-study train` run
-ATTEMPTS_TAG = "mixer.attempts"  # how many times the trial started (1 + retries + resumes)
+STUDY_TRIAL, ONE_OFF = ROLE_TRIAL, ROLE_TRAIN  # MLflow roles: a study's grid point, or a `mixer-study train` run
 SPOOL = "mlflow-spool"  # folder name of the MLflow records that wait for the store (workers.training.mlflow_logger)
 
 # When the previous trial run in this process ended (0: none). Tune reuses a trial driver's process for the next
@@ -94,10 +104,10 @@ def make_job(spec: StudySpec, name: str, config: TrialConfig, point: dict[str, A
 def best_checkpoint(result: ray.train.Result) -> tuple[ray.train.Checkpoint, dict[str, Any]]:
     """Early stopping as the paper does it: the checkpoint with the best upstream val/acc; of equal ones the latest,
     which is the one Ray Train's retention keeps (and the rule workers.training.trainer applies)."""
-    candidates = [(c, m) for c, m in (result.best_checkpoints or []) if "val/acc" in m]
+    candidates = [(c, m) for c, m in (result.best_checkpoints or []) if VAL_ACC in m]
     if not candidates:
         raise RuntimeError(f"trial run {result.path} reported no checkpoint with val/acc")
-    return max(candidates, key=lambda cm: (cm[1]["val/acc"], cm[1]["step"]))
+    return max(candidates, key=lambda cm: (cm[1][VAL_ACC], cm[1][STEP]))
 
 
 def trial_params(trial: TrialConfig, job: TrialJob, manifest: Manifest) -> dict[str, Any]:
@@ -188,8 +198,8 @@ def run_trial(job_dict: dict[str, Any], in_tune: bool = False) -> dict[str, floa
         final.update(_trial_span())
         run_log.log(final, trial.train.steps)  # skips what an earlier attempt already logged
         ok = True
-        headline = {k: v for k, v in logged.items() if k.split("/")[0] in ("best", "fewshot")}
-        return {**headline, **{k: v for k, v in final.items() if k.startswith("finetune/")}}
+        headline = {k: v for k, v in logged.items() if k.startswith((BEST_PREFIX, FEWSHOT_PREFIX))}
+        return {**headline, **{k: v for k, v in final.items() if k.startswith(FINETUNE_PREFIX)}}
     finally:
         _close_run(run_log or RunLogger(job.tracking_uri, run_id, spool=spool), ok)
 
@@ -211,7 +221,7 @@ def _open_run(client: mlflow.tracking.MlflowClient, job: TrialJob, trial: TrialC
                        role=job.role)
     attempts = int(client.get_run(run_id).data.tags.get(ATTEMPTS_TAG, "0")) + 1
     client.set_tag(run_id, ATTEMPTS_TAG, str(attempts))
-    client.set_tag(run_id, "mixer.grid_point", ",".join(f"{k}={v}" for k, v in job.point.items()) or "base")
+    client.set_tag(run_id, GRID_POINT_TAG, ",".join(f"{k}={v}" for k, v in job.point.items()) or "base")
     with fail_fast_http():
         replay_spool(client, spool)  # an earlier attempt's records first, so this attempt's follow them in order
     return run_id, manifest
@@ -235,7 +245,7 @@ def _fit(job: TrialJob, trial: TrialConfig, worker_mlflow: dict[str, Any], in_tu
         trial_loop_per_worker,
         train_loop_config={"trial": job.trial, "mlflow": worker_mlflow, "cpus_per_worker": job.cpus_per_worker},
         scaling_config=worker_scaling(job.workers, job.cpus_per_worker, job.gpus_per_worker),
-        run_config=train_run_config(job.name, job.storage, trial.train.keep_checkpoints, score_metric="val/acc",
+        run_config=train_run_config(job.name, job.storage, trial.train.keep_checkpoints, score_metric=VAL_ACC,
                                     callbacks=callbacks),
     )
     return trainer.fit()
@@ -258,16 +268,16 @@ def _best_and_logged(client: mlflow.tracking.MlflowClient, job: TrialJob, trial:
         spool: where the run's records wait while the store is down.
     """
     checkpoint, best_metrics = best_checkpoint(result)
-    run_log.set_tag("checkpoint.best", checkpoint_uri(checkpoint))
-    run_log.set_tag("ray.train_run", result.path)
+    run_log.set_tag(BEST_CHECKPOINT_TAG, checkpoint_uri(checkpoint))
+    run_log.set_tag(TRAIN_RUN_TAG, result.path)
     logged = None if run_log.spooling else _run_metrics(client, run_id)
     if logged is None:
         log.warning("trial %s: MLflow does not answer; its records wait in %s for `mixer-study sync`", job.name, spool)
         return checkpoint, dict(result.metrics or {})
-    if logged.get("best/step") != best_metrics["step"]:
+    if logged.get(BEST_STEP) != best_metrics[STEP]:
         raise RuntimeError(f"trial {job.name}: the workers' best step {logged.get('best/step')} is not Ray's "
                            f"best checkpoint (step {best_metrics['step']})")
-    if trial.fewshot.enabled and not any(k.startswith("fewshot/") for k in logged):
+    if trial.fewshot.enabled and not any(k.startswith(FEWSHOT_PREFIX) for k in logged):
         raise RuntimeError(f"trial {job.name}: the workers logged no few-shot metrics to run {run_id}")
     return checkpoint, logged
 
@@ -276,8 +286,8 @@ def _trial_span() -> dict[str, float]:
     """This attempt's start and end (unix seconds): the span whose parts outside the step loop are the per-trial
     overhead (analysis.timeline). It started when its process did (Tune or the `train` verb launched it), or, in a
     process that Tune reuses for one trial after another, when the previous trial in it ended."""
-    return {"time/trial_start_unix": max(psutil.Process().create_time(), _previous_trial_end),
-            "time/trial_end_unix": time.time()}
+    return {TIME_TRIAL_START_UNIX: max(psutil.Process().create_time(), _previous_trial_end),
+            TIME_TRIAL_END_UNIX: time.time()}
 
 
 def _close_run(run_log: RunLogger, ok: bool) -> None:

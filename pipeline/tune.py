@@ -31,6 +31,7 @@ from pipeline.progress import StudyProgress
 from pipeline.spec import StudyError, StudySpec, parse_study
 from pipeline.tracking import connect_tracking, experiment_id, redact_url, resolve_tracking_uri, study_run
 from pipeline.trial import SPOOL, make_job, run_trial
+from workers.names import BEST_VAL_ACC, FEWSHOT_5SHOT
 from workers.training.mlflow_logger import fail_fast_http, replay_spool, spool_files, write_spool
 
 DEFAULT_STORAGE = "runs"
@@ -248,8 +249,8 @@ def _finish(results: tune.ResultGrid, client, parent_run_id: str, study_dir: str
         rows.append({
             "trial": result.config["job"]["name"] if result.config else "?",
             "status": "ERROR" if result.error else "DONE",
-            "best/val_acc": metrics.get("best/val_acc"),
-            "fewshot/5shot": metrics.get("fewshot/5shot"),
+            BEST_VAL_ACC: metrics.get(BEST_VAL_ACC),
+            FEWSHOT_5SHOT: metrics.get(FEWSHOT_5SHOT),
         })
     failed = [r["trial"] for r in rows if r["status"] != "DONE"]
     status = RunStatus.to_string(RunStatus.FINISHED if not failed else RunStatus.FAILED)

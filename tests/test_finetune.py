@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from pipeline.finetune_sweep import select_lr
+from tests.test_trainer import declared_names
 from workers.config import TrialConfig
 from workers.models.mixer import MlpMixer, forward_flops
 from workers.models.registry import build_model
@@ -261,6 +262,8 @@ def test_finetuner_fits_checkpoints_and_resumes(digits16: Path, pretrained: Path
     assert 0 < final["compute/finetune_seconds"] < final["compute/finetune_wall_seconds"]
     assert [step for step, m in logged if "finetune/train_loss" in m] == [10, 20, 30, 32]
     assert tuner.optimizer.param_groups[0]["lr"] == pytest.approx(0.1 * cosine_multiplier(31, 32, 3))
+    written = {key for m, _ in reports for key in m} | {key for _, m in logged for key in m}
+    assert written <= declared_names(), written - declared_names()  # workers.names declares every name
 
     # Resume at step 16: a new FineTuner continues from there, with the momentum buffers of the checkpoint.
     resumed = FineTuner(pretrained, trial, 0.1)

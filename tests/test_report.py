@@ -8,7 +8,7 @@ from mlflow.tracking import MlflowClient
 
 from analysis.report import build_report
 from analysis.results import load_study
-from workers.training.mlflow_logger import ROLE_TAG, STUDY_TAG, TRIAL_TAG
+from workers.names import ROLE_TAG, STUDY_TAG, TRIAL_TAG
 
 
 def _store(tmp_path: Path, finetuned: bool) -> str:

@@ -214,7 +214,7 @@ def test_rerun_refused_for_an_edit_but_not_for_a_field_added_since(tracking_uri:
     from pipeline.trial import TrialJob, make_job, refuse_changed_rerun, trial_params
     from tests.conftest import study_dict
     from workers.data.manifest import load_manifest
-    from workers.training.mlflow_logger import ROLE_TAG, STUDY_TAG, TRIAL_TAG
+    from workers.names import ROLE_TAG, STUDY_TAG, TRIAL_TAG
 
     spec = parse_study(study_dict("rerun", digits16))
     config = plan_study(spec)[0].config

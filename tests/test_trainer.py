@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from workers import names
 from workers.config import TrialConfig
 from workers.training.checkpoint import load_model, read_state, write_checkpoint
 from workers.training.trainer import Trainer
@@ -22,6 +23,11 @@ def _config(data: Path, **train) -> TrialConfig:
         "optim": {"lr": 0.003, "warmup_steps": 5},
         "train": {"steps": 40, "batch_size": 32, "eval_every": 10, "checkpoint_every": 20, "log_every": 5, **train},
     })
+
+
+def declared_names() -> set[str]:
+    """Every metric and tag name ``workers.names`` declares as a constant."""
+    return {value for key, value in vars(names).items() if key.isupper() and isinstance(value, str)}
 
 
 def test_seed_fixes_init_and_data_order(digits16: Path) -> None:
@@ -54,6 +60,9 @@ def test_fit_reports_checkpoints_and_resumes(digits16: Path, tmp_path: Path) -> 
     train_steps = [step for step, m in logged if "train/loss" in m]
     assert train_steps == list(range(5, 41, 5))
     assert all(math.isfinite(m["train/loss"]) for _, m in logged if "train/loss" in m)
+    # Every name the Trainer reports or logs is declared in workers.names: a new literal name fails here.
+    written = {key for m, _ in reports for key in m} | {key for _, m in logged for key in m}
+    assert names.TIME_FIRST_STEP_UNIX in written and written <= declared_names(), written - declared_names()
 
     # The checkpoint rebuilds the model without Ray, and a new Trainer resumes from it at step 20.
     model = load_model(tmp_path / "step_40")

@@ -45,6 +45,25 @@ from workers.data.permute import permute_spec
 from workers.data.reader import ShardDataset, make_loader
 from workers.models.registry import forward_flops
 from workers.models.resolution import to_resolution
+from workers.names import (
+    COMPUTE_FINETUNE_CORE_SECONDS,
+    COMPUTE_FINETUNE_CPU_SECONDS,
+    COMPUTE_FINETUNE_FLOPS,
+    COMPUTE_FINETUNE_IMAGES_SEEN,
+    COMPUTE_FINETUNE_SECONDS,
+    COMPUTE_FINETUNE_WALL_SECONDS,
+    FINETUNE_GRAD_NORM,
+    FINETUNE_IMAGE_SIZE,
+    FINETUNE_LOSS,
+    FINETUNE_LR,
+    FINETUNE_TEST_LOSS,
+    FINETUNE_TOP1,
+    FINETUNE_TRAIN_LOSS,
+    FINETUNE_VAL_LOSS,
+    FINETUNE_VAL_TOP1,
+    PERF_FINETUNE_IMG_PER_S,
+    STEP,
+)
 from workers.training.checkpoint import load_model
 from workers.training.loop import LogFn, LoopProgress, StepLogNames, StepLoop, gradient_update, infinite
 from workers.training.precision import resolve_precision
@@ -109,10 +128,10 @@ class FineTuner(StepLoop):
         rank, world_size, device, cores, wrap_model, log: as :class:`workers.training.trainer.Trainer`.
     """
 
-    step_log_names = StepLogNames(loss="finetune/train_loss", lr="finetune/lr", grad_norm="finetune/grad_norm",
-                                  img_per_s="perf/finetune_img_per_s")
+    step_log_names = StepLogNames(loss=FINETUNE_TRAIN_LOSS, lr=FINETUNE_LR, grad_norm=FINETUNE_GRAD_NORM,
+                                  img_per_s=PERF_FINETUNE_IMG_PER_S)
     seed_stream = (17,)  # distinct from the pre-training streams of the same seed
-    unlogged_report_keys = frozenset({"step", "finetune/lr"})  # the lr is logged at log_every steps
+    unlogged_report_keys = frozenset({STEP, FINETUNE_LR})  # the lr is logged at log_every steps
     reports_when_resumed_done = True
 
     def __init__(
@@ -226,15 +245,15 @@ class FineTuner(StepLoop):
         return step % self.checkpoint_every == 0
 
     def _report_metrics(self, loss_sum: Tensor, loss_steps: int, with_checkpoint: bool) -> dict[str, float]:
-        metrics: dict[str, float] = {"finetune/lr": self.optimizer.param_groups[0]["lr"]}
+        metrics: dict[str, float] = {FINETUNE_LR: self.optimizer.param_groups[0]["lr"]}
         if loss_steps:
-            metrics["finetune/loss"] = loss_sum.item() / loss_steps  # mean training loss since the last report
+            metrics[FINETUNE_LOSS] = loss_sum.item() / loss_steps  # mean training loss since the last report
         if self.progress.step >= self.total_steps:
             test_loss, top1 = self.evaluate(self.eval_loader(self.test_manifest))
-            metrics.update({"finetune/top1": top1, "finetune/test_loss": test_loss})
+            metrics.update({FINETUNE_TOP1: top1, FINETUNE_TEST_LOSS: test_loss})
             if self.val_manifest is not None:
                 val_loss, val_top1 = self.evaluate(self.eval_loader(self.val_manifest))
-                metrics.update({"finetune/val_top1": val_top1, "finetune/val_loss": val_loss})
+                metrics.update({FINETUNE_VAL_TOP1: val_top1, FINETUNE_VAL_LOSS: val_loss})
         return metrics
 
     def _accounted_metrics(self, measured: dict[str, float], rank_sums: list[float],
@@ -246,11 +265,11 @@ class FineTuner(StepLoop):
         progress = self.progress
         images = progress.step * self.batch_size
         return {
-            "finetune/image_size": self.image_size,
-            "compute/finetune_flops": 3.0 * self.forward_flops_per_image * images,  # 3 x forward, as pre-training
-            "compute/finetune_images_seen": images,
-            "compute/finetune_seconds": progress.train_seconds,
-            "compute/finetune_wall_seconds": progress.wall_seconds,
-            "compute/finetune_core_seconds": progress.wall_seconds * self.allocated_cores,
-            "compute/finetune_cpu_seconds": progress.cpu_seconds,
+            FINETUNE_IMAGE_SIZE: self.image_size,
+            COMPUTE_FINETUNE_FLOPS: 3.0 * self.forward_flops_per_image * images,  # 3 x forward, as pre-training
+            COMPUTE_FINETUNE_IMAGES_SEEN: images,
+            COMPUTE_FINETUNE_SECONDS: progress.train_seconds,
+            COMPUTE_FINETUNE_WALL_SECONDS: progress.wall_seconds,
+            COMPUTE_FINETUNE_CORE_SECONDS: progress.wall_seconds * self.allocated_cores,
+            COMPUTE_FINETUNE_CPU_SECONDS: progress.cpu_seconds,
         }

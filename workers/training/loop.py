@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from workers.config import TrialConfig
+from workers.names import STEP
 from workers.training.optim import classification_loss, clip_by_global_norm
 
 ReportFn = Callable[[dict[str, float], bool], None]  # (metrics, with_checkpoint)
@@ -153,7 +154,7 @@ class StepLoop:
 
     step_log_names: StepLogNames
     seed_stream: tuple[int, ...] = ()
-    unlogged_report_keys: frozenset[str] = frozenset({"step"})  # reported to Ray, not logged to MLflow
+    unlogged_report_keys: frozenset[str] = frozenset({STEP})  # reported to Ray, not logged to MLflow
     reports_when_resumed_done = False  # a segment resumed at total_steps reports its evaluation once more
 
     module: nn.Module
@@ -315,7 +316,7 @@ class StepLoop:
 
     def _report(self, report: ReportFn, loss_sum: Tensor, loss_steps: int, with_checkpoint: bool) -> None:
         progress, segment = self.progress, self._segment
-        metrics: dict[str, float] = {"step": progress.step,
+        metrics: dict[str, float] = {STEP: progress.step,
                                      **self._report_metrics(loss_sum, loss_steps, with_checkpoint)}
         # Ray's report is a barrier anyway, so summing the CPU time over ranks here costs no extra wait.
         segment_cpu, *rank_sums = sum_over_ranks([process_tree_cpu_seconds() - segment.cpu_start,

@@ -27,13 +27,12 @@ import fsspec
 from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
 
+from workers.names import SYSTEM_PREFIX
+
 if TYPE_CHECKING:
     from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
 log = logging.getLogger(__name__)
-
-# Tags that identify a study's runs: written by pipeline.tracking, queried there and by analysis.
-STUDY_TAG, TRIAL_TAG, ROLE_TAG = "mixer.study", "mixer.trial", "mixer.role"
 
 
 def tag_filter(tags: dict[str, str]) -> str:
@@ -228,7 +227,7 @@ def fail_fast_http(timeout_s: float = 10.0) -> Iterator[None]:
 def last_logged_steps(client: MlflowClient, run_id: str) -> dict[str, int]:
     """The last step of each metric already in run ``run_id`` (system metrics excluded: their sampler keeps its
     own step counter). One history query per key, and only for a run that has metrics, i.e. a resumed one."""
-    keys = [k for k in client.get_run(run_id).data.metrics if not k.startswith("system/")]
+    keys = [k for k in client.get_run(run_id).data.metrics if not k.startswith(SYSTEM_PREFIX)]
     return {key: max(m.step for m in client.get_metric_history(run_id, key)) for key in keys}
 
 

@@ -25,6 +25,13 @@ from torch import nn
 from workers.config import TrialConfig
 from workers.data.permute import permute_spec
 from workers.models.registry import build_model
+from workers.names import (
+    COMPILE_RESOLVED_TAG,
+    PERF_BEST_BATCH_SIZE,
+    PERF_IMG_PER_S_PER_CORE,
+    PERF_MFU,
+    PRECISION_RESOLVED_TAG,
+)
 from workers.training.checkpoint import load_model, read_state, write_checkpoint
 from workers.training.finetuner import FineTuner
 from workers.training.loop import ReportFn, StepLoop
@@ -75,17 +82,17 @@ def _train(trial: TrialConfig, config: dict[str, Any], rank: int, world_size: in
                       wrap_model=ray.train.torch.prepare_model, log=tracker.log if tracker else None)
     _resume(trainer, rank, "training")
     if tracker:
-        tracker.set_tag("train.precision_resolved", trainer.precision)
-        tracker.set_tag("train.compile_resolved", str(trainer.compiled).lower())
+        tracker.set_tag(PRECISION_RESOLVED_TAG, trainer.precision)
+        tracker.set_tag(COMPILE_RESOLVED_TAG, str(trainer.compiled).lower())
     trainer.fit(_reporter(trainer, rank, tracker))
 
     if tracker:
-        metrics = {"perf/mfu": mfu(trainer, peak_flops(device, trainer.precision, cores))}
+        metrics = {PERF_MFU: mfu(trainer, peak_flops(device, trainer.precision, cores))}
         if config.get("measure_throughput", True):
             # Inference throughput (paper Fig. 3 right): rank 0 only, after training, with this worker's cores.
             best, batch = inference_throughput(trainer.module, precision=trainer.precision, device=device)
-            metrics.update({"perf/img_per_s_per_core": best / (cores if device.type == "cpu" else 1),
-                            "perf/best_batch_size": batch})
+            metrics.update({PERF_IMG_PER_S_PER_CORE: best / (cores if device.type == "cpu" else 1),
+                            PERF_BEST_BATCH_SIZE: batch})
         tracker.log(metrics, trial.train.steps)
     if tracker and evaluate_best is not None:
         # Rank 0 logs the evaluation to the trial's MLflow run, the driver reads it back from there: Ray Train's

@@ -29,6 +29,32 @@ from workers.data.manifest import load_manifest
 from workers.data.permute import permute_spec
 from workers.data.reader import ShardDataset, make_loader
 from workers.models.registry import build_model, train_flops_per_image
+from workers.names import (
+    BEST_STEP,
+    BEST_VAL_ACC,
+    COMPUTE_CORE_SECONDS,
+    COMPUTE_CPU_SECONDS,
+    COMPUTE_EPOCHS,
+    COMPUTE_IMAGES_SEEN,
+    COMPUTE_TRAIN_FLOPS,
+    COMPUTE_TRAIN_IMAGES,
+    COMPUTE_TRAIN_SECONDS,
+    COMPUTE_WALL_SECONDS,
+    DATA_CORRUPT_SHARDS,
+    DATA_SKIPPED_SAMPLES,
+    EPOCHS,
+    IMAGES_SEEN,
+    PERF_TRAIN_IMG_PER_S,
+    PERF_TRAIN_IMG_PER_S_PER_CORE,
+    TIME_FIRST_STEP_UNIX,
+    TIME_TRAIN_END_UNIX,
+    TIME_WORKER_START_UNIX,
+    TRAIN_GRAD_NORM,
+    TRAIN_LOSS,
+    TRAIN_LR,
+    VAL_ACC,
+    VAL_LOSS,
+)
 from workers.training.loop import LogFn, LoopProgress, StepLogNames, StepLoop, gradient_update, infinite
 from workers.training.optim import build_optimizer, set_lr
 from workers.training.precision import compile_model, resolve_compile, resolve_precision
@@ -70,8 +96,8 @@ class Trainer(StepLoop):
         log: called with (metrics, step) at ``log_every`` and evaluation steps (rank 0's MLflow logger).
     """
 
-    step_log_names = StepLogNames(loss="train/loss", lr="train/lr", grad_norm="train/grad_norm",
-                                  img_per_s="perf/train_img_per_s")
+    step_log_names = StepLogNames(loss=TRAIN_LOSS, lr=TRAIN_LR, grad_norm=TRAIN_GRAD_NORM,
+                                  img_per_s=PERF_TRAIN_IMG_PER_S)
 
     def __init__(
         self,
@@ -169,8 +195,8 @@ class Trainer(StepLoop):
     def _report_metrics(self, loss_sum: Tensor, loss_steps: int, with_checkpoint: bool) -> dict[str, float]:
         val_loss, val_acc = self.evaluate(self._val_loader)
         images_seen = self.progress.step * self.batch_size
-        return {"val/loss": val_loss, "val/acc": val_acc, "images_seen": images_seen,
-                "epochs": images_seen / self.train_images}
+        return {VAL_LOSS: val_loss, VAL_ACC: val_acc, IMAGES_SEEN: images_seen,
+                EPOCHS: images_seen / self.train_images}
 
     def _rank_counts(self) -> list[float]:
         return [sum(d.problem_counts()[i] for d in self.datasets) for i in (0, 1)]  # skipped samples, bad shards
@@ -180,14 +206,14 @@ class Trainer(StepLoop):
         progress = self.progress
         progress.skipped_samples, progress.corrupt_shards = (b + int(n) for b, n in zip(self._problems_before,
                                                                                          rank_sums))
-        metrics = {"compute/wall_seconds": progress.wall_seconds}
+        metrics = {COMPUTE_WALL_SECONDS: progress.wall_seconds}
         if self.trial.data.on_error == "skip":
-            metrics.update({"data/skipped_samples": progress.skipped_samples,
-                            "data/corrupt_shards": progress.corrupt_shards})
+            metrics.update({DATA_SKIPPED_SAMPLES: progress.skipped_samples,
+                            DATA_CORRUPT_SHARDS: progress.corrupt_shards})
         # >=: the latest of equal checkpoints wins, as Ray Train keeps it (its retention evicts the earlier of ties),
         # so the best step here is always a checkpoint that still exists (pipeline.trial.best_checkpoint agrees).
-        if with_checkpoint and measured["val/acc"] >= progress.best_val_acc:
-            progress.best_val_acc, progress.best_step = measured["val/acc"], progress.step
+        if with_checkpoint and measured[VAL_ACC] >= progress.best_val_acc:
+            progress.best_val_acc, progress.best_step = measured[VAL_ACC], progress.step
             if self.rank == 0:
                 self.best_state = {k: v.detach().to("cpu", copy=True) for k, v in self.module.state_dict().items()}
         if progress.step == self.total_steps:
@@ -195,9 +221,9 @@ class Trainer(StepLoop):
             # The last segment's worker start (this rank's process: when the trial got its cores), and the start
             # and end of its step loop: worker start -> first step and train end -> trial end are the per-trial
             # overhead that `analysis.timeline` reports; trial start -> worker start is time queued for cores.
-            metrics.update({"time/worker_start_unix": psutil.Process().create_time(),
-                            "time/first_step_unix": self.first_step_unix or time.time(),
-                            "time/train_end_unix": time.time()})
+            metrics.update({TIME_WORKER_START_UNIX: psutil.Process().create_time(),
+                            TIME_FIRST_STEP_UNIX: self.first_step_unix or time.time(),
+                            TIME_TRAIN_END_UNIX: time.time()})
         return metrics
 
     def compute_metrics(self) -> dict[str, float]:
@@ -207,14 +233,14 @@ class Trainer(StepLoop):
         allocated = self.allocated_cores
         train_seconds = max(progress.train_seconds, 1e-9)
         return {
-            "compute/train_flops": float(self.flops_per_image) * images_seen,
-            "compute/core_seconds": progress.wall_seconds * allocated,  # allocated cores (or GPUs) x wall
-            "compute/cpu_seconds": progress.cpu_seconds,  # measured: workers + their DataLoader processes
-            "compute/train_seconds": progress.train_seconds,
-            "compute/images_seen": images_seen,
-            "compute/epochs": images_seen / self.train_images,
-            "compute/train_images": self.train_images,
-            "perf/train_img_per_s_per_core": images_seen / train_seconds / allocated,
-            "best/val_acc": progress.best_val_acc,
-            "best/step": progress.best_step,
+            COMPUTE_TRAIN_FLOPS: float(self.flops_per_image) * images_seen,
+            COMPUTE_CORE_SECONDS: progress.wall_seconds * allocated,  # allocated cores (or GPUs) x wall
+            COMPUTE_CPU_SECONDS: progress.cpu_seconds,  # measured: workers + their DataLoader processes
+            COMPUTE_TRAIN_SECONDS: progress.train_seconds,
+            COMPUTE_IMAGES_SEEN: images_seen,
+            COMPUTE_EPOCHS: images_seen / self.train_images,
+            COMPUTE_TRAIN_IMAGES: self.train_images,
+            PERF_TRAIN_IMG_PER_S_PER_CORE: images_seen / train_seconds / allocated,
+            BEST_VAL_ACC: progress.best_val_acc,
+            BEST_STEP: progress.best_step,
         }

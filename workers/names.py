@@ -1,0 +1,148 @@
+"""Every metric and tag name a trial writes to MLflow (and reports to Ray Train), in one place.
+
+Writers (``workers.training`` trainer, finetuner, ray_entry, mlflow_logger; ``pipeline`` tracking, trial,
+finetune_sweep, trial_worker; ``analysis.features``' few-shot metrics) and readers (``analysis.results``, ``report``,
+``pipeline.tune``) use these constants, so a name is spelled once. The names are a user-visible contract (the MLflow
+UI, the results CSV, earlier studies' stores): change a value only with a migration, add new names here.
+
+Metrics are grouped with ``/``: ``train/`` (every ``log_every`` steps), ``val/`` (every ``eval_every``), ``best/``,
+``compute/`` and ``time/`` (the last report), ``perf/``, ``data/`` (``data.on_error: skip``), ``finetune/``,
+``fewshot/``. Three report keys have no group: ``step`` (Ray only), ``images_seen`` and ``epochs``.
+"""
+
+from __future__ import annotations
+
+# -- report keys without a group ---------------------------------------------------------------------------------
+
+STEP = "step"  # the step of a Ray Train report; MLflow has its own step axis, so it is not logged there
+IMAGES_SEEN = "images_seen"
+EPOCHS = "epochs"
+
+# -- train/: pre-training, every log_every steps -----------------------------------------------------------------
+
+TRAIN_LOSS = "train/loss"  # mean over the steps since the last log
+TRAIN_LR = "train/lr"
+TRAIN_GRAD_NORM = "train/grad_norm"  # pre-clip global norm of the last step
+
+# -- val/: the upstream val split, every eval_every steps ---------------------------------------------------------
+
+VAL_LOSS = "val/loss"
+VAL_ACC = "val/acc"  # what Ray Train ranks checkpoints by
+
+# -- best/: the best checkpointed step ---------------------------------------------------------------------------
+
+BEST_PREFIX = "best/"
+BEST_VAL_ACC = "best/val_acc"
+BEST_STEP = "best/step"
+
+# -- compute/: accounting of the whole trial (all resumed segments) ---------------------------------------------
+
+COMPUTE_TRAIN_FLOPS = "compute/train_flops"
+COMPUTE_CORE_SECONDS = "compute/core_seconds"
+COMPUTE_CPU_SECONDS = "compute/cpu_seconds"
+COMPUTE_TRAIN_SECONDS = "compute/train_seconds"
+COMPUTE_WALL_SECONDS = "compute/wall_seconds"
+COMPUTE_IMAGES_SEEN = "compute/images_seen"
+COMPUTE_EPOCHS = "compute/epochs"
+COMPUTE_TRAIN_IMAGES = "compute/train_images"
+COMPUTE_FINETUNE_FLOPS = "compute/finetune_flops"
+COMPUTE_FINETUNE_IMAGES_SEEN = "compute/finetune_images_seen"
+COMPUTE_FINETUNE_SECONDS = "compute/finetune_seconds"
+COMPUTE_FINETUNE_WALL_SECONDS = "compute/finetune_wall_seconds"
+COMPUTE_FINETUNE_CORE_SECONDS = "compute/finetune_core_seconds"
+COMPUTE_FINETUNE_CPU_SECONDS = "compute/finetune_cpu_seconds"
+
+# -- perf/: throughput and utilisation ---------------------------------------------------------------------------
+
+PERF_TRAIN_IMG_PER_S = "perf/train_img_per_s"  # every log_every steps
+PERF_TRAIN_IMG_PER_S_PER_CORE = "perf/train_img_per_s_per_core"  # the whole trial
+PERF_FINETUNE_IMG_PER_S = "perf/finetune_img_per_s"
+PERF_MFU = "perf/mfu"
+PERF_IMG_PER_S_PER_CORE = "perf/img_per_s_per_core"  # inference (paper Fig. 3 right)
+PERF_BEST_BATCH_SIZE = "perf/best_batch_size"  # the inference batch size that gave it
+
+# -- time/: wall-clock marks of a trial (unix seconds), for analysis.timeline -------------------------------------
+
+TIME_TRIAL_START_UNIX = "time/trial_start_unix"
+TIME_WORKER_START_UNIX = "time/worker_start_unix"
+TIME_FIRST_STEP_UNIX = "time/first_step_unix"
+TIME_TRAIN_END_UNIX = "time/train_end_unix"
+TIME_TRIAL_END_UNIX = "time/trial_end_unix"
+
+# -- data/: data.on_error: skip -----------------------------------------------------------------------------------
+
+DATA_SKIPPED_SAMPLES = "data/skipped_samples"
+DATA_CORRUPT_SHARDS = "data/corrupt_shards"
+
+# -- finetune/ -----------------------------------------------------------------------------------------------------
+
+FINETUNE_PREFIX = "finetune/"
+FINETUNE_TRAIN_LOSS = "finetune/train_loss"  # every log_every steps
+FINETUNE_LR = "finetune/lr"
+FINETUNE_GRAD_NORM = "finetune/grad_norm"
+FINETUNE_LOSS = "finetune/loss"  # mean training loss since the last report
+FINETUNE_TOP1 = "finetune/top1"  # the test split
+FINETUNE_TEST_LOSS = "finetune/test_loss"
+FINETUNE_VAL_TOP1 = "finetune/val_top1"  # the held-out split that picks a sweep's learning rate
+FINETUNE_VAL_LOSS = "finetune/val_loss"
+FINETUNE_IMAGE_SIZE = "finetune/image_size"
+FINETUNE_BEST_LR = "finetune/best_lr"
+
+
+def finetune_top1_at(image_size: int) -> str:
+    """``finetune/top1_384px``: the test top-1 under a name that says the resolution.
+
+    Args:
+        image_size: the fine-tuning resolution in pixels.
+    """
+    return f"{FINETUNE_TOP1}_{image_size}px"
+
+
+# -- fewshot/: linear few-shot accuracy of the best checkpoint ----------------------------------------------------
+
+FEWSHOT_PREFIX = "fewshot/"
+
+
+def fewshot_metric(shots: int) -> str:
+    """``fewshot/5shot``: mean accuracy over the seeds at ``shots`` examples per class.
+
+    Args:
+        shots: examples per class.
+    """
+    return f"{FEWSHOT_PREFIX}{shots}shot"
+
+
+def fewshot_std_metric(shots: int) -> str:
+    """``fewshot/5shot_std``: its standard deviation over the seeds.
+
+    Args:
+        shots: examples per class.
+    """
+    return f"{fewshot_metric(shots)}_std"
+
+
+FEWSHOT_5SHOT = fewshot_metric(5)  # the headline quality of a study
+
+# -- system/: MLflow's own system-metrics sampler ----------------------------------------------------------------
+
+SYSTEM_PREFIX = "system/"
+
+# -- MLflow tags -------------------------------------------------------------------------------------------------
+
+STUDY_TAG = "mixer.study"
+TRIAL_TAG = "mixer.trial"
+ROLE_TAG = "mixer.role"  # one of the ROLE_* values below
+ATTEMPTS_TAG = "mixer.attempts"  # how many times the trial started (1 + retries + resumes)
+GRID_POINT_TAG = "mixer.grid_point"
+GIT_COMMIT_TAG = "mixer.git_commit"
+BEST_CHECKPOINT_TAG = "checkpoint.best"
+TRAIN_RUN_TAG = "ray.train_run"
+FINETUNE_RUN_TAG = "ray.finetune_run"
+FINETUNE_BEST_LR_TAG = "finetune.best_lr"
+FINETUNE_CHECKPOINT_TAG = "finetune.checkpoint"
+PRECISION_RESOLVED_TAG = "train.precision_resolved"
+COMPILE_RESOLVED_TAG = "train.compile_resolved"
+
+ROLE_STUDY = "study"  # the study's parent run
+ROLE_TRIAL = "trial"  # a grid point of a study (what analysis.results reads)
+ROLE_TRAIN = "train"  # a one-off `mixer-study train` run
