@@ -27,6 +27,7 @@ from tests.conftest import study_dict
 from workers.config import ModelConfig
 from workers.models import registry
 from workers.models.bit import BiTVariant, ResNetV2, StdConv2d
+from workers.models.layers import Classifier
 from workers.models.mixer import MlpMixer
 from workers.models.registry import (
     FAMILIES,
@@ -380,3 +381,19 @@ def test_registry_builds_what_the_family_module_builds():
     assert isinstance(get_variant("ViT-B/16"), ViTVariant) and isinstance(get_variant("BiT-R50x1"), BiTVariant)
     assert registry.shape_summary("ViT-B/16") == "12 blocks, P 16, C 768, MLP 3072, 12 heads"
     assert registry.shape_summary("BiT-R50x1").startswith("50 layers, units 3/4/6/3")
+
+
+def test_state_dict_keys_are_those_checkpoints_hold():
+    # Every family's model is a layers.Classifier; the base holds only the head, so the keys (hence checkpoints
+    # written before the base existed) are each family's own: ends and counts of the 16 px CPU models' state_dicts.
+    expected = {
+        "Nano-4": (30, ["stem.weight", "stem.bias", "blocks.0.norm1.weight"]),
+        "ViT-Nano/4": (32, ["cls_token", "pos_embed", "patch_embed.weight", "patch_embed.bias"]),
+        "BiT-Micro": (89, ["stem.0.weight", "blocks.0.norm1.weight", "blocks.0.norm1.bias"]),
+    }
+    for name, (count, first) in expected.items():
+        model = build_model(name, 16, 10)
+        keys = list(model.state_dict())
+        assert isinstance(model, Classifier)
+        assert len(keys) == count and keys[:len(first)] == first
+        assert keys[-4:] == ["norm.weight", "norm.bias", "head.weight", "head.bias"]

@@ -1,4 +1,5 @@
-"""Tests for workers/models/mixer.py: sizes, costs, init, token mixing and stochastic depth."""
+"""Tests for workers/models/mixer.py (sizes, costs, init, token mixing) and the shared parts it is built from
+(workers/models/layers.py: stochastic depth, gradient checkpointing, the Classifier base)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 from torch.utils.flop_counter import FlopCounterMode
 
+from workers.models.layers import Classifier, drop_path
 from workers.models.mixer import (
     SIZES,
     VARIANTS,
@@ -17,7 +19,6 @@ from workers.models.mixer import (
     MixerVariant,
     MlpMixer,
     build_model,
-    drop_path,
     forward_flops,
     get_variant,
     num_tokens,
@@ -212,7 +213,9 @@ def test_headless_model_returns_pre_logits():
 
 def test_wrong_input_size_raises():
     model = build_model("Nano-4", 16, 10)
-    with pytest.raises(ValueError, match="16x16"):
+    assert isinstance(model, Classifier)  # the check is the shared base's, the note in parentheses Mixer's
+    message = "Mixer Nano-4 was built for 16x16 inputs (S=16 tokens), got (32, 32)"
+    with pytest.raises(ValueError, match=re.escape(message)):
         model(torch.randn(1, 3, 32, 32))
 
 
@@ -353,7 +356,7 @@ def test_grad_checkpointing_matches(stoch_depth, monkeypatch):
         calls.append(kwargs)
         return checkpoint(function, *args, **kwargs)
 
-    monkeypatch.setattr("workers.models.mixer.checkpoint", counting_checkpoint)
+    monkeypatch.setattr("workers.models.layers.checkpoint", counting_checkpoint)  # Classifier's block loop
     torch.manual_seed(0)
     model = build_model("Nano-4", 16, 10, stoch_depth=stoch_depth, head_bias_init=0.1).double().train()
     with torch.no_grad():

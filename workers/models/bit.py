@@ -26,7 +26,10 @@ Cost per image, 2 FLOPs per multiply-add over every convolution (what ``torch.ut
 2·H_out·W_out·C_out·C_in·k² each, plus 2·C·K for the head. Not counted: GroupNorm, ReLU, pooling, residual
 additions, and the weight standardisation (O(parameters), independent of the batch).
 
-Imports only torch, the standard library and ``workers.models.mixer`` (this module runs inside Ray worker processes).
+Registers the family "BiT" (kind "convolution", prefix "BiT-") in ``workers.models.registry`` when imported.
+
+Imports only torch, the standard library and ``workers.models`` (layers, registry, the Mixer sizes): this module runs
+inside Ray worker processes.
 """
 
 from __future__ import annotations
@@ -41,15 +44,16 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.checkpoint import checkpoint
 
+from workers.models.layers import Classifier, drop_path, lecun_normal_, reset_norms_
 from workers.models.mixer import SIZES as MIXER_SIZES
-from workers.models.mixer import check_classifier_args, drop_path, lecun_normal_
 from workers.models.mixer import get_variant as mixer_variant
 from workers.models.mixer import param_count as mixer_param_count
+from workers.models.registry import Family, register_family
 
 __all__ = [
     "BLOCKS",
+    "FAMILY",
     "VARIANTS",
     "BiTVariant",
     "PreActBottleneck",
@@ -116,6 +120,11 @@ class BiTVariant:
         if self.size in MIXER_SIZES:
             return float(list(MIXER_SIZES).index(self.size))
         return _ladder_rank(param_count(self, 224, 1000))
+
+    def shape_summary(self) -> str:
+        """The shape for tables: "50 layers, units 3/4/6/3, widths 64-2048, imagenet root"."""
+        units = "/".join(map(str, self.blocks))
+        return f"{self.depth} layers, units {units}, widths {self.width}-{_out_chans(self)}, {self.stem} root"
 
 
 @functools.cache
@@ -305,8 +314,8 @@ class PreActBottleneck(nn.Module):
         return shortcut + drop_path(y, self.stoch_depth, self.training)
 
 
-class ResNetV2(nn.Module):
-    """BiT classifier with the API of ``workers.models.mixer.MlpMixer``.
+class ResNetV2(Classifier):
+    """BiT classifier with every family's constructor and API (``workers.models.layers.Classifier``).
 
     ``stoch_depth`` drops each unit's residual branch per example, the rate ramped linearly over all units from 0
     to ``stoch_depth`` (timm's ResNetV2 ``drop_path_rate`` ramp; big_vision's BiT has none; 0 reproduces BiT).
@@ -315,30 +324,17 @@ class ResNetV2(nn.Module):
     weights themselves fit any resolution, so a model rebuilt at another size loads the same state_dict.
     """
 
-    def __init__(
-        self,
-        variant: BiTVariant | str,
-        image_size: int,
-        num_classes: int,
-        in_chans: int = 3,
-        stoch_depth: float = 0.0,
-        dropout: float = 0.0,
-        head_bias_init: float = 0.0,
-    ) -> None:
-        super().__init__()
-        check_classifier_args(stoch_depth, dropout, num_classes)
-        self.variant = v = _as_variant(variant)
-        check_fits(v, image_size)
+    parse_variant = staticmethod(parse_variant)
+    variant: BiTVariant
+
+    def _build(self, variant: BiTVariant, stoch_depth: float) -> int:
+        v = variant
+        check_fits(v, self.image_size)
         if v.width % v.num_groups:
             raise ValueError(f"{v.name}: GroupNorm with {v.num_groups} groups needs widths divisible by it, "
                              f"got root width {v.width}")
-        self.image_size = image_size
-        self.num_classes = num_classes
-        self.in_chans = in_chans
-        self.grad_checkpointing = False
-
         k, s, p = _stem_shape(v)
-        root = [StdConv2d(in_chans, v.width, k, s, padding=p)]
+        root = [StdConv2d(self.in_chans, v.width, k, s, padding=p)]
         if v.stem == "imagenet":
             root.append(nn.MaxPool2d(3, stride=2, padding=1))
         self.stem = nn.Sequential(*root)
@@ -349,42 +345,29 @@ class ResNetV2(nn.Module):
             for i, (c, mid, stride) in enumerate(units)
         )
         self.norm = nn.GroupNorm(v.num_groups, _out_chans(v), eps=_GN_EPS)
-        self.head_drop = nn.Dropout(dropout)
-        self.head = nn.Linear(_out_chans(v), num_classes) if num_classes else nn.Identity()
-        self._init_weights(head_bias_init)
+        return _out_chans(v)
 
-    @torch.no_grad()
-    def _init_weights(self, head_bias_init: float) -> None:
+    def _init_weights(self) -> None:
         # Flax defaults, as big_vision: lecun-normal kernels (scale-free after standardisation), GroupNorm scale 1 and
-        # bias 0, zero head kernel. In-place inits are no-ops on meta tensors.
+        # bias 0 (the zero head kernel: Classifier's).
         for m in self.modules():
             if isinstance(m, StdConv2d):
                 lecun_normal_(m.weight)
-            elif isinstance(m, nn.GroupNorm):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-        if isinstance(self.head, nn.Linear):
-            nn.init.zeros_(self.head.weight)
-            nn.init.constant_(self.head.bias, head_bias_init)
+        reset_norms_(self)
 
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        """Recompute every unit's activations in the backward pass (training only; RNG replayed)."""
-        self.grad_checkpointing = enable
+    def _input_note(self) -> str:
+        return "rebuild it at that size: the state_dict does not depend on it"
 
-    def forward_features(self, x: Tensor) -> Tensor:
-        """Images (B, in_chans, H, W) -> pre_logits (B, C): mean over positions of relu(GN(last stage))."""
-        if x.shape[-2:] != (self.image_size, self.image_size):
-            raise ValueError(
-                f"{self.variant.name} was built for {self.image_size}x{self.image_size} inputs, got "
-                f"{tuple(x.shape[-2:])} (rebuild it at that size: the state_dict does not depend on it)"
-            )
-        x = self.stem(x)
-        checkpointing = self.grad_checkpointing and self.training and torch.is_grad_enabled()
-        for block in self.blocks:
-            x = checkpoint(block, x, use_reentrant=False) if checkpointing else block(x)
-        return F.relu(self.norm(x)).mean(dim=(2, 3))
+    def _embed(self, x: Tensor) -> Tensor:
+        return self.stem(x)
 
-    def forward(self, x: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
-        """Images -> (logits (B, num_classes), {"pre_logits": (B, C)})."""
-        pre_logits = self.forward_features(x)
-        return self.head(self.head_drop(pre_logits)), {"pre_logits": pre_logits}
+    def _pool(self, x: Tensor) -> Tensor:
+        return F.relu(self.norm(x)).mean(dim=(2, 3))  # mean over positions of relu(GN(last stage))
+
+
+FAMILY = register_family(Family(
+    name="BiT", kind="convolution", prefix="BiT-",
+    syntax="BiT-R{DEPTH}x{WIDTH} or a CPU size (BiT-R50x1, BiT-R152x4, BiT-Micro)", parse=parse_variant,
+    model=ResNetV2, variants=VARIANTS, param_count=param_count, forward_flops=forward_flops,
+    check_fits=check_fits, shape_summary=BiTVariant.shape_summary,
+))

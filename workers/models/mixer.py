@@ -3,45 +3,42 @@
 Follows the official code (google-research/vision_transformer ``models_mixer.py`` and big_vision
 ``models/mlp_mixer.py``): a P×P stride-P convolution stem, N blocks of token mixing and channel
 mixing, a final LayerNorm, global average pooling ("pre_logits") and a zero-initialised linear head.
-No position embeddings: the token-mixing MLP is itself sensitive to token order.
+No position embeddings: the token-mixing MLP is itself sensitive to token order. Registers the family "Mixer"
+(kind "Mixer", unprefixed names) in ``workers.models.registry`` when imported.
 
-Imports only torch and the standard library, because this module runs inside Ray worker processes.
+Imports only torch, the standard library and ``workers.models`` layers and registry, because this module runs
+inside Ray worker processes.
 """
 
 from __future__ import annotations
 
-import math
 import re
 from dataclasses import dataclass
 from typing import ClassVar
 
-import torch
 from torch import Tensor, nn
-from torch.utils.checkpoint import checkpoint
+
+from workers.models.layers import Classifier, MlpBlock, drop_path, lecun_normal_, patch_tokens, reset_norms_
+from workers.models.registry import Family, register_family
 
 __all__ = [
-    "check_classifier_args",
+    "FAMILY",
     "SIZES",
     "VARIANTS",
     "MixerBlock",
     "MixerSize",
     "MixerVariant",
-    "MlpBlock",
     "MlpMixer",
     "build_model",
-    "drop_path",
+    "check_fits",
     "forward_flops",
     "get_variant",
-    "lecun_normal_",
     "num_tokens",
     "param_count",
     "parse_variant",
     "train_flops_per_image",
 ]
 
-# jax.nn.initializers.variance_scaling(..., "truncated_normal") divides the std by the std of a unit
-# normal truncated to [-2, 2], so that the *truncated* distribution has the requested variance.
-_TRUNC_NORMAL_STD_CORRECTION = 0.87962566103423978
 _LN_EPS = 1e-6  # Flax LayerNorm default, used by the official Mixer code.
 
 
@@ -94,6 +91,11 @@ class MixerVariant:
     def size_rank(self) -> int:
         """Position of ``size`` in ``SIZES``, small to large; ``len(SIZES)`` for a size outside the table."""
         return list(SIZES).index(self.size) if self.size in SIZES else len(SIZES)
+
+    def shape_summary(self) -> str:
+        """The shape for tables: "12 blocks, P 16, C 768, D_S 384, D_C 3072"."""
+        return (f"{self.num_blocks} blocks, P {self.patch_size}, C {self.hidden_dim}, D_S {self.tokens_mlp_dim}, "
+                f"D_C {self.channels_mlp_dim}")
 
 
 def _variant(size: str, patch_size: int, description: str = "") -> MixerVariant:
@@ -172,12 +174,17 @@ def _as_variant(variant: MixerVariant | str) -> MixerVariant:
 def num_tokens(variant: MixerVariant | str, image_size: int) -> int:
     """Number of patches S = (image_size / P)^2 of a square image."""
     v = _as_variant(variant)
-    if image_size <= 0 or image_size % v.patch_size:
-        raise ValueError(
-            f"image_size {image_size} is not a positive multiple of the patch size P={v.patch_size} "
-            f"of Mixer {v.name}"
-        )
-    return (image_size // v.patch_size) ** 2
+    return patch_tokens(image_size, v.patch_size, f"Mixer {v.name}")
+
+
+def check_fits(variant: MixerVariant | str, image_size: int) -> None:
+    """Raise ``ValueError`` unless square ``image_size`` inputs cut into whole P×P patches (the token MLP fixes S).
+
+    Args:
+        variant: a Mixer variant or its name.
+        image_size: side of the square inputs.
+    """
+    num_tokens(variant, image_size)
 
 
 def param_count(variant: MixerVariant | str, image_size: int, num_classes: int, in_chans: int = 3) -> int:
@@ -217,52 +224,6 @@ def train_flops_per_image(
     return 3 * forward_flops(variant, image_size, num_classes, in_chans)
 
 
-def lecun_normal_(weight: Tensor) -> Tensor:
-    """In-place lecun-normal init as jax's ``variance_scaling(1, "fan_in", "truncated_normal")``."""
-    fan_in = weight[0].numel()  # Linear (out, in) -> in; Conv2d (out, in, kh, kw) -> in*kh*kw
-    std = math.sqrt(1.0 / fan_in) / _TRUNC_NORMAL_STD_CORRECTION
-    return nn.init.trunc_normal_(weight, mean=0.0, std=std, a=-2.0 * std, b=2.0 * std)
-
-
-def check_classifier_args(stoch_depth: float, dropout: float, num_classes: int) -> None:
-    """The constructor checks every model family (Mixer, ViT, BiT) makes, in one wording."""
-    if not 0.0 <= stoch_depth < 1.0:
-        raise ValueError(f"stoch_depth must be in [0, 1), got {stoch_depth}")
-    if not 0.0 <= dropout < 1.0:
-        raise ValueError(f"dropout must be in [0, 1), got {dropout}")
-    if num_classes < 0:
-        raise ValueError(f"num_classes must be >= 0, got {num_classes}")
-
-
-def drop_path(x: Tensor, rate: float, training: bool) -> Tensor:
-    """Stochastic depth: zero the whole residual branch of each example with probability ``rate``.
-
-    As big_vision's ``_stoch_depth_mask``: one Bernoulli draw per example (broadcast over the other axes),
-    and kept branches are NOT rescaled by 1/(1-rate) (timm's DropPath does rescale). Eval mode, or
-    ``rate == 0``, multiplies by 1.0 (returns ``x`` itself), as big_vision's deterministic path.
-    """
-    if not 0.0 <= rate <= 1.0:
-        raise ValueError(f"drop_path rate must be in [0, 1], got {rate}")
-    if rate == 0.0 or not training:
-        return x
-    keep = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(1.0 - rate)
-    return x * keep
-
-
-class MlpBlock(nn.Module):
-    """Linear -> GELU -> Linear over the last axis."""
-
-    def __init__(self, dim: int, hidden_dim: int) -> None:
-        super().__init__()
-        self.fc1 = nn.Linear(dim, hidden_dim)
-        # Flax's nn.gelu defaults to the tanh approximation; match it.
-        self.act = nn.GELU(approximate="tanh")
-        self.fc2 = nn.Linear(hidden_dim, dim)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.fc2(self.act(self.fc1(x)))
-
-
 class MixerBlock(nn.Module):
     """Token mixing over the S patches, then channel mixing over the C channels, each residual."""
 
@@ -285,36 +246,21 @@ class MixerBlock(nn.Module):
         return x + drop_path(y, self.stoch_depth, self.training)
 
 
-class MlpMixer(nn.Module):
+class MlpMixer(Classifier):
     """MLP-Mixer classifier for square ``image_size`` inputs (the token MLP fixes S, so H, W too).
 
-    ``stoch_depth`` is the drop rate of the last block; rates ramp linearly from 0 at the first block.
-    ``dropout`` applies to pre_logits before the head. ``head_bias_init`` is the constant initial head
-    bias (big_vision uses e.g. -6.9 ~ -log(1000) so initial sigmoid outputs are ~1/1000).
-    ``num_classes=0`` builds no head: ``forward`` then returns pre_logits as its logits.
-    ``set_grad_checkpointing()`` recomputes each block's activations in the backward pass (training only).
+    The constructor, head, ``forward`` and ``set_grad_checkpointing`` are ``workers.models.layers.Classifier``'s:
+    ``MlpMixer(variant, image_size, num_classes, in_chans=3, stoch_depth=0, dropout=0, head_bias_init=0)``.
+    ``stoch_depth`` ramps linearly from 0 at the first block to its value at the last (big_vision's ramp).
     """
 
-    def __init__(
-        self,
-        variant: MixerVariant | str,
-        image_size: int,
-        num_classes: int,
-        in_chans: int = 3,
-        stoch_depth: float = 0.0,
-        dropout: float = 0.0,
-        head_bias_init: float = 0.0,
-    ) -> None:
-        super().__init__()
-        check_classifier_args(stoch_depth, dropout, num_classes)
-        self.variant = v = _as_variant(variant)
-        self.image_size = image_size
-        self.num_classes = num_classes
-        self.in_chans = in_chans
-        self.num_tokens = num_tokens(v, image_size)
-        self.grad_checkpointing = False
+    parse_variant = staticmethod(parse_variant)
+    variant: MixerVariant
 
-        self.stem = nn.Conv2d(in_chans, v.hidden_dim, kernel_size=v.patch_size, stride=v.patch_size)
+    def _build(self, variant: MixerVariant, stoch_depth: float) -> int:
+        v = variant
+        self.num_tokens = num_tokens(v, self.image_size)
+        self.stem = nn.Conv2d(self.in_chans, v.hidden_dim, kernel_size=v.patch_size, stride=v.patch_size)
         n = v.num_blocks
         self.blocks = nn.ModuleList(
             MixerBlock(
@@ -327,54 +273,34 @@ class MlpMixer(nn.Module):
             for i in range(n)
         )
         self.norm = nn.LayerNorm(v.hidden_dim, eps=_LN_EPS)
-        self.head_drop = nn.Dropout(dropout)
-        self.head = nn.Linear(v.hidden_dim, num_classes) if num_classes else nn.Identity()
-        self._init_weights(head_bias_init)
+        return v.hidden_dim
 
-    @torch.no_grad()
-    def _init_weights(self, head_bias_init: float) -> None:
-        # The in-place init ops are no-ops on meta tensors, so this also runs under torch.device("meta").
+    def _init_weights(self) -> None:
+        # Flax defaults, as the official code: lecun-normal kernels, zero biases, LayerNorm scale 1 and bias 0. The
+        # loop covers the head too (then zeroed by Classifier): its draw keeps the random stream of earlier releases.
         for m in self.modules():
             if isinstance(m, (nn.Linear, nn.Conv2d)):
                 lecun_normal_(m.weight)
                 nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.LayerNorm):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-        if isinstance(self.head, nn.Linear):
-            # Zero head: every class starts at the same logit, and early gradients stay small.
-            nn.init.zeros_(self.head.weight)
-            nn.init.constant_(self.head.bias, head_bias_init)
+        reset_norms_(self)
 
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        """Checkpoint every block in training mode (timm's API): activations are recomputed in the backward
-        pass instead of stored. The RNG state is replayed, so stochastic-depth masks match the forward pass."""
-        self.grad_checkpointing = enable
+    def _input_note(self) -> str:
+        return f"S={self.num_tokens} tokens"
 
-    def forward_features(self, x: Tensor) -> Tensor:
-        """Images (B, in_chans, H, W) -> pre_logits (B, C)."""
-        if x.shape[-2:] != (self.image_size, self.image_size):
-            raise ValueError(
-                f"Mixer {self.variant.name} was built for {self.image_size}x{self.image_size} inputs "
-                f"(S={self.num_tokens} tokens), got {tuple(x.shape[-2:])}"
-            )
-        x = self.stem(x).flatten(2).transpose(1, 2)  # (B, C, H/P, W/P) -> (B, S, C), row-major patches
-        checkpointing = self.grad_checkpointing and self.training and torch.is_grad_enabled()
-        for block in self.blocks:
-            x = checkpoint(block, x, use_reentrant=False) if checkpointing else block(x)
+    def _embed(self, x: Tensor) -> Tensor:
+        return self.stem(x).flatten(2).transpose(1, 2)  # (B, C, H/P, W/P) -> (B, S, C), row-major patches
+
+    def _pool(self, x: Tensor) -> Tensor:
         return self.norm(x).mean(dim=1)
-
-    def forward(self, x: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
-        """Images -> (logits (B, num_classes), {"pre_logits": (B, C)}), as big_vision's models."""
-        pre_logits = self.forward_features(x)
-        logits = self.head(self.head_drop(pre_logits))
-        return logits, {"pre_logits": pre_logits}
 
     def token_mixing_weights(self, block: int) -> Tensor:
         """Weight of the first token-mixing Linear of ``block``, shape (D_S, S), detached.
 
         Row d holds hidden unit d's weights over the S patches; reshaped to sqrt(S) x sqrt(S) it is
         the picture of the paper's Fig. 5.
+
+        Args:
+            block: index of the block.
         """
         return self.blocks[block].token_mixing.fc1.weight.detach()
 
@@ -383,3 +309,17 @@ def build_model(name: str, image_size: int, num_classes: int, **kwargs) -> MlpMi
     """Build ``MlpMixer`` from a variant name ("B-16" or "B/16"); kwargs go to the constructor."""
     return MlpMixer(get_variant(name), image_size, num_classes, **kwargs)
 
+
+_FAMILY_PREFIX = re.compile(r"^Mixer-", re.IGNORECASE)
+
+
+def _parse_name(name: str) -> MixerVariant:
+    """The registry's parser: ``parse_variant`` of the name without an optional "Mixer-" ("Mixer-B/16")."""
+    return parse_variant(_FAMILY_PREFIX.sub("", name, count=1))
+
+
+FAMILY = register_family(Family(
+    name="Mixer", kind="Mixer", prefix="", syntax="SIZE/PATCH or SIZE-PATCH (B/16, B-16, Micro-4, S/8)",
+    parse=_parse_name, model=MlpMixer, variants=VARIANTS, param_count=param_count, forward_flops=forward_flops,
+    check_fits=check_fits, shape_summary=MixerVariant.shape_summary,
+))

@@ -1,4 +1,5 @@
-"""Vision Transformer (Dosovitskiy et al., ICLR 2021) in PyTorch, with the uniform API of ``workers.models.mixer``.
+"""Vision Transformer (Dosovitskiy et al., ICLR 2021) in PyTorch, with every family's API
+(``workers.models.layers.Classifier``). Registers the family "ViT" (kind "attention", prefix "ViT-") when imported.
 
 The ViT of the paper and of google-research/vision_transformer ``vit_jax/models_vit.py`` (the architecture timm's
 ``vision_transformer.py`` ports, and whose parameter counts timm reports): a P×P stride-P convolution stem, a
@@ -25,7 +26,8 @@ Cost per image, T = S + 1 tokens, C width, D MLP width, 2 FLOPs per multiply-add
 The T² term has no parameters, which is why "6 x parameters x tokens" underestimates ViT's training compute at
 high resolution: with D = 4C it is T / (6C + T) of a block's FLOPs, 4 % for B/16 at 224 px, 47 % at 1024 px.
 
-Imports only torch, the standard library and ``workers.models.mixer`` (this module runs inside Ray worker processes).
+Imports only torch, the standard library and ``workers.models`` (layers, registry, the Mixer size table): this module
+runs inside Ray worker processes.
 """
 
 from __future__ import annotations
@@ -37,12 +39,13 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.checkpoint import checkpoint
 
+from workers.models.layers import Classifier, MlpBlock, drop_path, lecun_normal_, patch_tokens, reset_norms_
 from workers.models.mixer import SIZES as MIXER_SIZES
-from workers.models.mixer import MlpBlock, check_classifier_args, drop_path, lecun_normal_
+from workers.models.registry import Family, register_family
 
 __all__ = [
+    "FAMILY",
     "SIZES",
     "VARIANTS",
     "Attention",
@@ -108,6 +111,11 @@ class ViTVariant:
     description: str = ""
     size: str = ""
 
+    def shape_summary(self) -> str:
+        """The shape for tables: "12 blocks, P 16, C 768, MLP 3072, 12 heads"."""
+        return (f"{self.num_blocks} blocks, P {self.patch_size}, C {self.hidden_dim}, MLP {self.mlp_dim}, "
+                f"{self.num_heads} heads")
+
     @property
     def size_rank(self) -> float:
         """Order across families, small to large (the Mixer size ranks; see ``_SIZE_RANK``)."""
@@ -171,11 +179,7 @@ def _as_variant(variant: ViTVariant | str) -> ViTVariant:
 def num_tokens(variant: ViTVariant | str, image_size: int) -> int:
     """Number of patches S = (image_size / P)^2 (the class token not included)."""
     v = _as_variant(variant)
-    if image_size <= 0 or image_size % v.patch_size:
-        raise ValueError(
-            f"image_size {image_size} is not a positive multiple of the patch size P={v.patch_size} of {v.name}"
-        )
-    return (image_size // v.patch_size) ** 2
+    return patch_tokens(image_size, v.patch_size, v.name)
 
 
 def check_fits(variant: ViTVariant | str, image_size: int) -> None:
@@ -250,12 +254,13 @@ class ViTBlock(nn.Module):
         return x + drop_path(self.mlp(self.norm2(x)), self.stoch_depth, self.training)
 
 
-class VisionTransformer(nn.Module):
+class VisionTransformer(Classifier):
     """ViT classifier for square ``image_size`` inputs (the position embedding fixes S, so H and W too).
 
-    Same constructor and API as ``workers.models.mixer.MlpMixer``: ``stoch_depth`` (rate of the last block, ramped
-    from 0), ``dropout`` on pre_logits, ``head_bias_init`` (constant initial bias of the zero-initialised head),
-    ``num_classes=0`` for no head, ``forward -> (logits, {"pre_logits"})``, ``set_grad_checkpointing``.
+    The constructor and API of every family (``workers.models.layers.Classifier``): ``stoch_depth`` (rate of the
+    last block, ramped from 0), ``dropout`` on pre_logits, ``head_bias_init`` (constant initial bias of the
+    zero-initialised head), ``num_classes=0`` for no head, ``forward -> (logits, {"pre_logits"})``,
+    ``set_grad_checkpointing``.
 
     Parameters outside Linear/Conv layers, so never weight-decayed (``workers.training.optim.decay_mask``, as
     big_vision's ``.*/kernel$`` mask): ``cls_token`` (1, 1, C), zeros, the class token's own parameter; ``pos_embed``
@@ -264,28 +269,13 @@ class VisionTransformer(nn.Module):
     """
 
     num_prefix_tokens: ClassVar[int] = 1  # the class token
+    parse_variant = staticmethod(parse_variant)
+    variant: ViTVariant
 
-    def __init__(
-        self,
-        variant: ViTVariant | str,
-        image_size: int,
-        num_classes: int,
-        in_chans: int = 3,
-        stoch_depth: float = 0.0,
-        dropout: float = 0.0,
-        head_bias_init: float = 0.0,
-    ) -> None:
-        super().__init__()
-        check_classifier_args(stoch_depth, dropout, num_classes)
-        self.variant = v = _as_variant(variant)
-        self.image_size = image_size
-        self.num_classes = num_classes
-        self.in_chans = in_chans
-        self.num_tokens = num_tokens(v, image_size)  # S patches; the sequence has S + 1 tokens
-        self.grad_checkpointing = False
-
-        c = v.hidden_dim
-        self.patch_embed = nn.Conv2d(in_chans, c, kernel_size=v.patch_size, stride=v.patch_size)
+    def _build(self, variant: ViTVariant, stoch_depth: float) -> int:
+        v, c = variant, variant.hidden_dim
+        self.num_tokens = num_tokens(v, self.image_size)  # S patches; the sequence has S + 1 tokens
+        self.patch_embed = nn.Conv2d(self.in_chans, c, kernel_size=v.patch_size, stride=v.patch_size)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, c))
         self.pos_embed = nn.Parameter(torch.zeros(1, self.num_tokens + 1, c))
         n = v.num_blocks
@@ -293,15 +283,12 @@ class VisionTransformer(nn.Module):
             ViTBlock(c, v.mlp_dim, v.num_heads, stoch_depth * i / max(n - 1, 1)) for i in range(n)
         )
         self.norm = nn.LayerNorm(c, eps=_LN_EPS)
-        self.head_drop = nn.Dropout(dropout)
-        self.head = nn.Linear(c, num_classes) if num_classes else nn.Identity()
-        self._init_weights(head_bias_init)
+        return c
 
-    @torch.no_grad()
-    def _init_weights(self, head_bias_init: float) -> None:
+    def _init_weights(self) -> None:
         # vit_jax models_vit.py / big_vision vit.py: lecun-normal patch embedding (Flax Conv default), Xavier-uniform
         # Dense kernels with zero attention biases and normal(1e-6) MLP biases, zero class token, normal(0.02)
-        # position embedding, zero head kernel. In-place inits are no-ops on meta tensors.
+        # position embedding (the zero head kernel: Classifier's).
         lecun_normal_(self.patch_embed.weight)
         nn.init.zeros_(self.patch_embed.bias)
         nn.init.normal_(self.pos_embed, std=_POSEMB_STD)
@@ -316,33 +303,22 @@ class VisionTransformer(nn.Module):
             for fc in (block.mlp.fc1, block.mlp.fc2):
                 nn.init.xavier_uniform_(fc.weight)
                 nn.init.normal_(fc.bias, std=1e-6)
-        for m in self.modules():
-            if isinstance(m, nn.LayerNorm):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-        if isinstance(self.head, nn.Linear):
-            nn.init.zeros_(self.head.weight)
-            nn.init.constant_(self.head.bias, head_bias_init)
+        reset_norms_(self)
 
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        """Recompute every block's activations in the backward pass (training only; RNG replayed)."""
-        self.grad_checkpointing = enable
+    def _input_note(self) -> str:
+        return f"S={self.num_tokens} patches"
 
-    def forward_features(self, x: Tensor) -> Tensor:
-        """Images (B, in_chans, H, W) -> pre_logits (B, C): the final LayerNorm's class-token output."""
-        if x.shape[-2:] != (self.image_size, self.image_size):
-            raise ValueError(
-                f"{self.variant.name} was built for {self.image_size}x{self.image_size} inputs "
-                f"(S={self.num_tokens} patches), got {tuple(x.shape[-2:])}"
-            )
+    def _embed(self, x: Tensor) -> Tensor:
         x = self.patch_embed(x).flatten(2).transpose(1, 2)  # (B, S, C), row-major patches
-        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + self.pos_embed
-        checkpointing = self.grad_checkpointing and self.training and torch.is_grad_enabled()
-        for block in self.blocks:
-            x = checkpoint(block, x, use_reentrant=False) if checkpointing else block(x)
-        return self.norm(x)[:, 0]
+        return torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + self.pos_embed
 
-    def forward(self, x: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
-        """Images -> (logits (B, num_classes), {"pre_logits": (B, C)})."""
-        pre_logits = self.forward_features(x)
-        return self.head(self.head_drop(pre_logits)), {"pre_logits": pre_logits}
+    def _pool(self, x: Tensor) -> Tensor:
+        return self.norm(x)[:, 0]  # the final LayerNorm's class-token output
+
+
+FAMILY = register_family(Family(
+    name="ViT", kind="attention", prefix="ViT-",
+    syntax="ViT-SIZE/PATCH or ViT-SIZE-PATCH (ViT-B/16, ViT-B-16, ViT-Micro/4)", parse=parse_variant,
+    model=VisionTransformer, variants=VARIANTS, param_count=param_count, forward_flops=forward_flops,
+    check_fits=check_fits, shape_summary=ViTVariant.shape_summary,
+))
