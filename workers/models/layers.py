@@ -3,12 +3,14 @@
 
 ``Classifier`` holds what a family's model would otherwise repeat: the constructor bookkeeping (variant,
 image_size, num_classes, in_chans, argument checks), the dropout + zero-initialised head, gradient checkpointing, the
-input-size check and the block loop. A family writes only its body, in three hooks:
+input-size check and the block loop. A family writes only its body, in four hooks:
 
 - ``_build(variant, stoch_depth) -> width``: create the stem, ``self.blocks`` (an ``nn.ModuleList`` run in order)
   and the final norm, in the order their parameters are drawn; return the width C of pre_logits;
 - ``_init_weights()``: initialise the body (the head exists by then and is zeroed after this);
-- ``_embed(images) -> block input`` and ``_pool(last block output) -> pre_logits (B, C)``.
+- ``_embed(images) -> block input`` and ``_pool(last block output) -> pre_logits (B, C)``;
+
+and, if it likes, ``_input_note()``: its reason in the wrong-input-size error ("S=196 tokens").
 
 Parameter creation and init order fix the random stream: the base creates the head after ``_build`` and zeroes it
 after ``_init_weights``, so a family's parameters and state_dict keys are those of its own hand-written model.
