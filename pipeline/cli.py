@@ -25,6 +25,8 @@ from typing import Any
 
 import yaml
 
+from workers.names import BEST_VAL_ACC, FEWSHOT_5SHOT
+
 
 def _models(args: argparse.Namespace) -> None:
     from workers.models.registry import FAMILIES, check_fits, forward_flops, param_count, shape_summary
@@ -121,7 +123,7 @@ def _print_rows(rows: list[dict[str, Any]]) -> None:
 
     print(f"{'trial':<40} {'status':>6} {'best val/acc':>12} {'5-shot':>7}")
     for r in rows:
-        print(f"{r['trial']:<40} {r['status']:>6} {fmt(r['best/val_acc']):>12} {fmt(r['fewshot/5shot']):>7}")
+        print(f"{r['trial']:<40} {r['status']:>6} {fmt(r[BEST_VAL_ACC]):>12} {fmt(r[FEWSHOT_5SHOT]):>7}")
 
 
 def _parse_overrides(pairs: list[str]) -> dict[str, Any]:

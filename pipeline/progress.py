@@ -13,6 +13,8 @@ from collections.abc import Callable
 
 from ray.tune import Callback
 
+from workers.names import BEST_VAL_ACC, FEWSHOT_5SHOT, VAL_ACC
+
 
 def _duration(seconds: float) -> str:
     seconds = int(seconds)
@@ -74,7 +76,7 @@ class StudyProgress(Callback):
         eta = ""
         if first_step < step < total:
             eta = f", trial ETA ~{_duration((now - first_time) / (step - first_step) * (total - step))}"
-        self.write(f"{self._prefix()} {trial}: step {step}/{total}, val/acc {result.get('val/acc', float('nan')):.3f}"
+        self.write(f"{self._prefix()} {trial}: step {step}/{total}, val/acc {result.get(VAL_ACC, float('nan')):.3f}"
                    f"{eta}")
 
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
@@ -82,8 +84,8 @@ class StudyProgress(Callback):
         elapsed = time.time() - self.started.get(trial.trial_id, time.time())
         self.durations.append(elapsed)
         result = trial.last_result or {}
-        shot = next((f", {k} {v:.3f}" for k, v in result.items() if k == "fewshot/5shot"), "")
-        best = result.get("best/val_acc")
+        shot = next((f", {k} {v:.3f}" for k, v in result.items() if k == FEWSHOT_5SHOT), "")
+        best = result.get(BEST_VAL_ACC)
         best_text = f": best val/acc {best:.3f}" if best is not None else ""
         self.write(f"{self._prefix()} done   {trial}{best_text}{shot} in {_duration(elapsed)}{self._study_eta()}")
 

@@ -275,8 +275,8 @@ def _best_and_logged(client: mlflow.tracking.MlflowClient, job: TrialJob, trial:
         log.warning("trial %s: MLflow does not answer; its records wait in %s for `mixer-study sync`", job.name, spool)
         return checkpoint, dict(result.metrics or {})
     if logged.get(BEST_STEP) != best_metrics[STEP]:
-        raise RuntimeError(f"trial {job.name}: the workers' best step {logged.get('best/step')} is not Ray's "
-                           f"best checkpoint (step {best_metrics['step']})")
+        raise RuntimeError(f"trial {job.name}: the workers' best step {logged.get(BEST_STEP)} is not Ray's "
+                           f"best checkpoint (step {best_metrics[STEP]})")
     if trial.fewshot.enabled and not any(k.startswith(FEWSHOT_PREFIX) for k in logged):
         raise RuntimeError(f"trial {job.name}: the workers logged no few-shot metrics to run {run_id}")
     return checkpoint, logged

@@ -18,14 +18,13 @@ from workers.models.mixer import (
     MixerBlock,
     MixerVariant,
     MlpMixer,
-    build_model,
     forward_flops,
     get_variant,
     num_tokens,
     param_count,
     parse_variant,
-    train_flops_per_image,
 )
+from workers.models.registry import build_model, train_flops_per_image
 
 # Paper-notes table: (no head, 1000-class head) at 224 px.
 PAPER_PARAMS = {

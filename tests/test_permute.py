@@ -16,7 +16,7 @@ from workers.data.fractions import fraction_slices
 from workers.data.manifest import load_manifest
 from workers.data.permute import apply_permutation, patch_permutations, permutation, permute_spec
 from workers.data.reader import ShardDataset
-from workers.models.mixer import build_model
+from workers.models.registry import build_model
 
 
 @pytest.mark.parametrize("mode", ["none", "patches", "pixels"])

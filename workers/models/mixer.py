@@ -29,14 +29,12 @@ __all__ = [
     "MixerSize",
     "MixerVariant",
     "MlpMixer",
-    "build_model",
     "check_fits",
     "forward_flops",
     "get_variant",
     "num_tokens",
     "param_count",
     "parse_variant",
-    "train_flops_per_image",
 ]
 
 _LN_EPS = 1e-6  # Flax LayerNorm default, used by the official Mixer code.
@@ -216,14 +214,6 @@ def forward_flops(variant: MixerVariant | str, image_size: int, num_classes: int
     return 2 * (stem + v.num_blocks * (token_mlp + channel_mlp) + head)
 
 
-def train_flops_per_image(
-    variant: MixerVariant | str, image_size: int, num_classes: int, in_chans: int = 3
-) -> int:
-    """Training FLOPs per image: 3x forward, the usual estimate that the backward pass costs 2x the
-    forward (gradients with respect to both activations and weights). Optimizer updates not counted."""
-    return 3 * forward_flops(variant, image_size, num_classes, in_chans)
-
-
 class MixerBlock(nn.Module):
     """Token mixing over the S patches, then channel mixing over the C channels, each residual."""
 
@@ -303,11 +293,6 @@ class MlpMixer(Classifier):
             block: index of the block.
         """
         return self.blocks[block].token_mixing.fc1.weight.detach()
-
-
-def build_model(name: str, image_size: int, num_classes: int, **kwargs) -> MlpMixer:
-    """Build ``MlpMixer`` from a variant name ("B-16" or "B/16"); kwargs go to the constructor."""
-    return MlpMixer(get_variant(name), image_size, num_classes, **kwargs)
 
 
 _FAMILY_PREFIX = re.compile(r"^Mixer-", re.IGNORECASE)
