@@ -216,13 +216,22 @@ def _save(fig: Figure, out_dir: str | Path, stem: str) -> list[Path]:
     return paths
 
 
-def _build_fig2_left(df: pd.DataFrame, quality: str, cost: str) -> Figure:
+def _single_panel(title: str, df: pd.DataFrame, x: str, y: str) -> tuple[Figure, Axes, pd.DataFrame | None]:
+    """A one-panel figure of ``y`` vs log ``x``: (figure, axes, the plottable rows), or rows None when there are
+    none (the panel then says why)."""
     fig = Figure(figsize=(6.5, 4.5), layout="constrained")
     ax = fig.add_subplot()
-    ax.set_title(f"Fig. 2 (left): {_label(quality)} vs {_label(cost)}")
-    data, why = _select(df, [cost, quality], log=[cost])
+    ax.set_title(title)
+    data, why = _select(df, [x, y], log=[x])
     if why:
         _note(ax, why)
+        return fig, ax, None
+    return fig, ax, data
+
+
+def _build_fig2_left(df: pd.DataFrame, quality: str, cost: str) -> Figure:
+    fig, ax, data = _single_panel(f"Fig. 2 (left): {_label(quality)} vs {_label(cost)}", df, cost, quality)
+    if data is None:
         return fig
     for variant, rows in _groups(data, "variant"):
         ax.scatter(rows[cost], _values(rows, quality), label=variant, zorder=3, **_style(variant))
@@ -241,12 +250,8 @@ def fig2_left(
 
 def _build_fig2_right(df: pd.DataFrame, quality: str) -> Figure:
     size = "train_images"
-    fig = Figure(figsize=(6.5, 4.5), layout="constrained")
-    ax = fig.add_subplot()
-    ax.set_title(f"Fig. 2 (right): {_label(quality)} vs pre-training set size")
-    data, why = _select(df, [size, quality], log=[size])
-    if why:
-        _note(ax, why)
+    fig, ax, data = _single_panel(f"Fig. 2 (right): {_label(quality)} vs pre-training set size", df, size, quality)
+    if data is None:
         return fig
     for variant, rows in _groups(data, "variant"):
         rows = rows.sort_values(size, kind="stable")

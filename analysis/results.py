@@ -12,53 +12,29 @@ import numpy as np
 import pandas as pd
 from mlflow.tracking import MlflowClient
 
+from workers import names
 from workers.models.registry import get_variant
-from workers.names import (
-    BEST_CHECKPOINT_TAG,
-    BEST_VAL_ACC,
-    COMPUTE_CORE_SECONDS,
-    COMPUTE_CPU_SECONDS,
-    COMPUTE_EPOCHS,
-    COMPUTE_IMAGES_SEEN,
-    COMPUTE_TRAIN_FLOPS,
-    COMPUTE_TRAIN_SECONDS,
-    COMPUTE_WALL_SECONDS,
-    FEWSHOT_PREFIX,
-    FINETUNE_TOP1,
-    PERF_IMG_PER_S_PER_CORE,
-    PERF_TRAIN_IMG_PER_S_PER_CORE,
-    ROLE_TAG,
-    ROLE_TRIAL,
-    STUDY_TAG,
-    TIME_FIRST_STEP_UNIX,
-    TIME_TRAIN_END_UNIX,
-    TIME_TRIAL_END_UNIX,
-    TIME_TRIAL_START_UNIX,
-    TIME_WORKER_START_UNIX,
-    TRIAL_TAG,
-    VAL_ACC,
-)
 from workers.training.mlflow_logger import tag_filter
 
 # MLflow metric -> results column.
 METRICS = {
-    BEST_VAL_ACC: "best_val_acc",
-    FINETUNE_TOP1: "finetune_top1",
-    VAL_ACC: "final_val_acc",
-    COMPUTE_TRAIN_FLOPS: "train_flops",
-    COMPUTE_CORE_SECONDS: "core_seconds",
-    COMPUTE_CPU_SECONDS: "cpu_seconds",
-    COMPUTE_WALL_SECONDS: "wall_seconds",
-    COMPUTE_TRAIN_SECONDS: "train_seconds",
-    TIME_TRIAL_START_UNIX: "trial_start_unix",
-    TIME_WORKER_START_UNIX: "worker_start_unix",
-    TIME_FIRST_STEP_UNIX: "first_step_unix",
-    TIME_TRAIN_END_UNIX: "train_end_unix",
-    TIME_TRIAL_END_UNIX: "trial_end_unix",
-    COMPUTE_IMAGES_SEEN: "images_seen",
-    COMPUTE_EPOCHS: "epochs",
-    PERF_IMG_PER_S_PER_CORE: "img_per_s_per_core",
-    PERF_TRAIN_IMG_PER_S_PER_CORE: "train_img_per_s_per_core",
+    names.BEST_VAL_ACC: "best_val_acc",
+    names.FINETUNE_TOP1: "finetune_top1",
+    names.VAL_ACC: "final_val_acc",
+    names.COMPUTE_TRAIN_FLOPS: "train_flops",
+    names.COMPUTE_CORE_SECONDS: "core_seconds",
+    names.COMPUTE_CPU_SECONDS: "cpu_seconds",
+    names.COMPUTE_WALL_SECONDS: "wall_seconds",
+    names.COMPUTE_TRAIN_SECONDS: "train_seconds",
+    names.TIME_TRIAL_START_UNIX: "trial_start_unix",
+    names.TIME_WORKER_START_UNIX: "worker_start_unix",
+    names.TIME_FIRST_STEP_UNIX: "first_step_unix",
+    names.TIME_TRAIN_END_UNIX: "train_end_unix",
+    names.TIME_TRIAL_END_UNIX: "trial_end_unix",
+    names.COMPUTE_IMAGES_SEEN: "images_seen",
+    names.COMPUTE_EPOCHS: "epochs",
+    names.PERF_IMG_PER_S_PER_CORE: "img_per_s_per_core",
+    names.PERF_TRAIN_IMG_PER_S_PER_CORE: "train_img_per_s_per_core",
 }
 # MLflow param -> (results column, type).
 PARAMS = {
@@ -95,7 +71,7 @@ def load_study(tracking_uri: str, study: str, experiment: str | None = None) -> 
         raise LookupError(f"no MLflow experiment '{name}' at {tracking_uri} (experiments there: {known})")
     runs = client.search_runs(
         [exp.experiment_id],
-        filter_string=tag_filter({STUDY_TAG: study, ROLE_TAG: ROLE_TRIAL}),
+        filter_string=tag_filter({names.STUDY_TAG: study, names.ROLE_TAG: names.ROLE_TRIAL}),
         max_results=10_000,
     )
     rows = [_row(study, run) for run in runs]
@@ -111,14 +87,14 @@ def load_study(tracking_uri: str, study: str, experiment: str | None = None) -> 
 
 def _row(study: str, run) -> dict:
     metrics, params, tags = run.data.metrics, run.data.params, run.data.tags
-    row: dict = {"study": study, "trial": tags.get(TRIAL_TAG, run.info.run_name), "status": run.info.status,
-                 "run_id": run.info.run_id, "checkpoint": tags.get(BEST_CHECKPOINT_TAG)}
+    row: dict = {"study": study, "trial": tags.get(names.TRIAL_TAG, run.info.run_name), "status": run.info.status,
+                 "run_id": run.info.run_id, "checkpoint": tags.get(names.BEST_CHECKPOINT_TAG)}
     for param, (column, kind) in PARAMS.items():
         row[column] = kind(params[param]) if param in params else np.nan
     for metric, column in METRICS.items():
         row[column] = metrics.get(metric, np.nan)
     for key, value in metrics.items():
-        if key.startswith(FEWSHOT_PREFIX) and key.endswith("shot"):
+        if key.startswith(names.FEWSHOT_PREFIX) and key.endswith("shot"):
             row["fewshot_" + key.split("/", 1)[1]] = value
     if isinstance(row["variant"], str):
         try:

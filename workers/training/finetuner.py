@@ -31,9 +31,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Unpack
 
 import torch
 from torch import Tensor, nn
@@ -65,7 +65,7 @@ from workers.names import (
     STEP,
 )
 from workers.training.checkpoint import load_model
-from workers.training.loop import LogFn, LoopProgress, StepLogNames, StepLoop, gradient_update, infinite
+from workers.training.loop import LoopProgress, StepLogNames, StepLoop, WorkerArgs, gradient_update, infinite
 from workers.training.precision import resolve_precision
 
 __all__ = ["FineTuner", "FinetuneProgress", "cosine_multiplier", "model_forward_flops", "reset_head"]
@@ -125,7 +125,7 @@ class FineTuner(StepLoop):
             gives the augmentation, shuffle buffer and loader processes, ``trial.train`` the seed, precision and
             ``log_every``.
         lr: the peak learning rate (one value of ``finetune.lr``).
-        rank, world_size, device, cores, wrap_model, log: as :class:`workers.training.trainer.Trainer`.
+        worker: rank, world_size, device, cores, wrap_model, log (:class:`workers.training.loop.WorkerArgs`).
     """
 
     step_log_names = StepLogNames(loss=FINETUNE_TRAIN_LOSS, lr=FINETUNE_LR, grad_norm=FINETUNE_GRAD_NORM,
@@ -139,22 +139,16 @@ class FineTuner(StepLoop):
         pretrained: str | Path,
         trial: TrialConfig,
         lr: float,
-        *,
-        rank: int = 0,
-        world_size: int = 1,
-        device: torch.device | None = None,
-        cores: int = 1,
-        wrap_model: Callable[[nn.Module], nn.Module] = lambda module: module,
-        log: LogFn | None = None,
+        **worker: Unpack[WorkerArgs],
     ) -> None:
-        super().__init__(trial, rank=rank, world_size=world_size, device=device, cores=cores, log=log)
+        super().__init__(trial, **worker)
         ft = trial.finetune
         if not ft.enabled:
             raise ValueError("trial.finetune is not enabled: give finetune.train and finetune.test")
         if lr <= 0:
             raise ValueError(f"lr must be positive, got {lr}")
-        if ft.batch_size % world_size:
-            raise ValueError(f"finetune.batch_size {ft.batch_size} is not divisible by the {world_size} workers")
+        if ft.batch_size % self.world_size:
+            raise ValueError(f"finetune.batch_size {ft.batch_size} is not divisible by the {self.world_size} workers")
         self.finetune, self.lr = ft, float(lr)
         self.total_steps, self.batch_size, self.loss_name = ft.steps, ft.batch_size, "softmax"
         self.train_manifest = load_manifest(ft.train)
@@ -179,7 +173,7 @@ class FineTuner(StepLoop):
         self.module = to_resolution(pretrained_model, self.image_size)
         reset_head(self.module, self.num_classes)
         self.module.to(self.device).train()
-        self.model = wrap_model(self.module)
+        self.model = self.wrap_model(self.module)
         # No weight decay (paper §3); the learning rate is set before every step (set_lr).
         self.optimizer = torch.optim.SGD(self.module.parameters(), lr=self.lr, momentum=ft.momentum,
                                          weight_decay=0.0, foreach=True)

@@ -15,7 +15,7 @@ import dataclasses
 import resource
 import time
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, TypedDict, Unpack
 
 import psutil
 import torch
@@ -29,6 +29,22 @@ from workers.training.optim import classification_loss, clip_by_global_norm
 
 ReportFn = Callable[[dict[str, float], bool], None]  # (metrics, with_checkpoint)
 LogFn = Callable[[dict[str, float], int], None]  # (metrics, step)
+
+
+def _unwrapped(module: nn.Module) -> nn.Module:
+    return module
+
+
+class WorkerArgs(TypedDict, total=False):
+    """Where a run trains, the same keywords for every :class:`StepLoop` (each optional; defaults: one worker on the
+    CPU, one core, no DDP wrapping, no logging). See :class:`StepLoop`'s Args."""
+
+    rank: int
+    world_size: int
+    device: torch.device | None
+    cores: int
+    wrap_model: Callable[[nn.Module], nn.Module]
+    log: LogFn | None
 
 
 @dataclasses.dataclass
@@ -149,6 +165,7 @@ class StepLoop:
         rank, world_size: this worker's place in the DDP group (1 worker: 0, 1).
         device: where the model trains.
         cores: CPU cores this worker holds (torch threads on CPU; the core-seconds accounting).
+        wrap_model: wraps the module for distributed training (Ray's ``prepare_model``); identity by default.
         log: called with (metrics, step) at ``log_every`` and report steps (rank 0's MLflow logger).
     """
 
@@ -167,12 +184,13 @@ class StepLoop:
     batch_size: int
     loss_name: str
 
-    def __init__(self, trial: TrialConfig, *, rank: int, world_size: int, device: torch.device | None, cores: int,
-                 log: LogFn | None) -> None:
-        self.trial, self.rank, self.world_size = trial, rank, world_size
-        self.device = device or torch.device("cpu")
-        self.cores = max(1, cores)
-        self.log = log
+    def __init__(self, trial: TrialConfig, **worker: Unpack[WorkerArgs]) -> None:
+        self.trial = trial
+        self.rank, self.world_size = worker.get("rank", 0), worker.get("world_size", 1)
+        self.device = worker.get("device") or torch.device("cpu")
+        self.cores = max(1, worker.get("cores", 1))
+        self.wrap_model = worker.get("wrap_model", _unwrapped)
+        self.log = worker.get("log")
         self.first_step_unix: float | None = None  # wall-clock mark of the running segment's first step
 
     # -- what a subclass supplies -----------------------------------------------------------------------------------

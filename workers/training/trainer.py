@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
+from typing import Unpack
 
 import psutil
 import torch
@@ -55,7 +56,7 @@ from workers.names import (
     VAL_ACC,
     VAL_LOSS,
 )
-from workers.training.loop import LogFn, LoopProgress, StepLogNames, StepLoop, gradient_update, infinite
+from workers.training.loop import LoopProgress, StepLogNames, StepLoop, WorkerArgs, gradient_update, infinite
 from workers.training.optim import build_optimizer, set_lr
 from workers.training.precision import compile_model, resolve_compile, resolve_precision
 
@@ -89,31 +90,17 @@ class Trainer(StepLoop):
 
     Args:
         trial: the validated recipe.
-        rank, world_size: this worker's place in the DDP group (1 worker: 0, 1).
-        device: where the model trains.
-        cores: CPU cores this worker holds (torch threads on CPU; the core-seconds accounting).
-        wrap_model: wraps the module for distributed training (Ray's ``prepare_model``); identity by default.
-        log: called with (metrics, step) at ``log_every`` and evaluation steps (rank 0's MLflow logger).
+        worker: rank, world_size, device, cores, wrap_model, log (:class:`workers.training.loop.WorkerArgs`).
     """
 
     step_log_names = StepLogNames(loss=TRAIN_LOSS, lr=TRAIN_LR, grad_norm=TRAIN_GRAD_NORM,
                                   img_per_s=PERF_TRAIN_IMG_PER_S)
 
-    def __init__(
-        self,
-        trial: TrialConfig,
-        *,
-        rank: int = 0,
-        world_size: int = 1,
-        device: torch.device | None = None,
-        cores: int = 1,
-        wrap_model: Callable[[nn.Module], nn.Module] = lambda module: module,
-        log: LogFn | None = None,
-    ) -> None:
-        super().__init__(trial, rank=rank, world_size=world_size, device=device, cores=cores, log=log)
+    def __init__(self, trial: TrialConfig, **worker: Unpack[WorkerArgs]) -> None:
+        super().__init__(trial, **worker)
         tr = trial.train
-        if tr.batch_size % world_size:
-            raise ValueError(f"train.batch_size {tr.batch_size} is not divisible by the {world_size} workers")
+        if tr.batch_size % self.world_size:
+            raise ValueError(f"train.batch_size {tr.batch_size} is not divisible by the {self.world_size} workers")
         self.total_steps, self.batch_size, self.loss_name = tr.steps, tr.batch_size, tr.loss
         self.train_manifest = load_manifest(trial.data.train)
         self.val_manifest = load_manifest(trial.data.val)
@@ -130,7 +117,7 @@ class Trainer(StepLoop):
             stoch_depth=trial.model.stoch_depth, dropout=trial.model.dropout,
             head_bias_init=head_bias(trial.model, tr.loss, self.num_classes),
         ).to(self.device)
-        self.model = wrap_model(self.module)
+        self.model = self.wrap_model(self.module)
         self.compiled = resolve_compile(tr.compile, self.device)
         if self.compiled:  # the training forward and backward; evaluation runs the module eagerly
             self.model = compile_model(self.model)
