@@ -136,14 +136,32 @@ def test_no_module_over_the_limit(package: str) -> None:
     assert long == {}
 
 
-def test_readme_lists_every_module() -> None:
-    """The README's Architecture section names every module by its path, so the map matches the tree."""
+def readme_tree() -> set[str]:
+    """The module paths of the README's Architecture tree: folders (``name/``) and modules (``name.py``), nested by
+    two spaces of indentation per level."""
     readme = (REPO / "README.md").read_text()
     section = re.search(r"^## Architecture\n(.*?)^## ", readme, re.S | re.M)
     assert section, "README.md has no '## Architecture' section"
-    text = section.group(1)
-    missing = [str(p.relative_to(REPO)) for p in project_modules().values()
-               if p.name != "__init__.py" and str(p.relative_to(REPO)) not in text]
-    assert missing == []
-    listed = set(re.findall(r"`((?:pipeline|analysis|workers|benchmarks)/[\w/]+\.py)`", text))
-    assert sorted(m for m in listed if not (REPO / m).exists()) == []  # nothing listed that is not there
+    block = re.search(r"^```\n(.*?)^```", section.group(1), re.S | re.M)
+    assert block, "the Architecture section has no tree"
+    folders: list[str] = []
+    paths = set()
+    for line in block.group(1).splitlines():
+        entry = re.match(r"( *)([\w.]+/|[\w]+\.py)(\s|$)", line)
+        if not entry:
+            continue
+        depth, name = len(entry.group(1)) // 2, entry.group(2)
+        del folders[depth:]
+        if name.endswith("/"):
+            folders.append(name)
+        else:
+            paths.add("".join(folders) + name)
+    return paths
+
+
+def test_readme_lists_every_module() -> None:
+    """The README's Architecture tree names every module where it is, and nothing that is not there."""
+    listed = readme_tree()
+    modules = {str(p.relative_to(REPO)) for p in project_modules().values() if p.name != "__init__.py"}
+    assert sorted(modules - listed) == []  # in the tree, not in the README
+    assert sorted(listed - modules) == []  # in the README, not in the tree
