@@ -221,6 +221,30 @@ def _bench(args: argparse.Namespace) -> None:
         raise SystemExit(1)
 
 
+def _fit(args: argparse.Namespace) -> None:
+    from analysis.scaling.table import fit_table
+
+    if args.csv is None:
+        raise ValueError(f"mixer-study fit {args.study or ''}: fitting a study's runs is not wired yet; give --csv FILE"
+                         " (one run per row) and the columns")
+    needed = {"chinchilla": {"N": args.n, "D": args.d}, "saturating": {"C": args.c}}[args.form]
+    for name, column in needed.items():
+        if column is None:
+            raise ValueError(f"--form {args.form} needs --{name.lower()} COLUMN (the runs' {name})")
+    result = fit_table(args.csv, args.form, needed, args.y, group=args.group, draws=args.bootstrap, seed=args.seed,
+                       predict_path=args.predict)
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json).write_text(json.dumps(result, indent=2))
+    cert = result["certificate"]
+    print(f"{args.form} fit of {result['n_points']} runs ({result['n_groups']} groups), {args.bootstrap} bootstrap "
+          f"resamples; optimiser {'converged' if cert['converged'] else 'DID NOT CONVERGE'} "
+          f"(objective {cert['objective']:.6g}, gradient norm {cert['grad_norm']:.2g})")
+    for name, (lo, hi) in result["ci95"].items():
+        value = result["params"].get(name, result["derived"].get(name))
+        print(f"  {name:>12} {value:12.5g}   95 % [{lo:.5g}, {hi:.5g}]")
+    print(f"-> {args.json}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mixer-study", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
@@ -330,6 +354,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="a tiny configuration of seconds (Nano-4, 16 px, CPU)")
     p.add_argument("--out", default="bench-results/bench.json")
     p.set_defaults(func=_bench)
+
+    p = verbs.add_parser("fit", help="fit a scaling law with bootstrap intervals to a CSV of runs")
+    p.add_argument("study", nargs="?", help="a study name (not wired yet: use --csv)")
+    p.add_argument("--csv", help="CSV file, one run per row")
+    p.add_argument("--form", choices=["chinchilla", "saturating"], default="chinchilla",
+                   help="chinchilla: L = E + A/N^alpha + B/D^beta; saturating: E = a (C + d)^-b + c")
+    p.add_argument("--n", help="chinchilla: column of parameters N")
+    p.add_argument("--d", help="chinchilla: column of samples seen D")
+    p.add_argument("--c", help="saturating: column of training compute C")
+    p.add_argument("--y", default="loss", help="column of the loss/error (default loss)")
+    p.add_argument("--group", help="column of group labels: the bootstrap resamples whole groups (runs sharing a "
+                   "model size, seed or family)")
+    p.add_argument("--bootstrap", type=int, default=200, help="bootstrap resamples (default 200)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--predict", help="CSV with the same input columns: a 95 %% prediction interval per row")
+    p.add_argument("--json", required=True, help="output JSON")
+    p.set_defaults(func=_fit)
     return parser
 
 

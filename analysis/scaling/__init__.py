@@ -1,0 +1,1 @@
+"""Scaling laws with uncertainty: forms, fitting, bootstrap intervals, prediction intervals (pure numpy/scipy)."""
