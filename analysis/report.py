@@ -1,18 +1,22 @@
-"""``mixer-study report``: a study's MLflow runs -> results table (CSV, parquet, markdown) and the paper's figures,
-each also logged as an artifact of the study's parent MLflow run."""
+"""``mixer-study report``: a study's MLflow runs -> results table (CSV, parquet, markdown), the compute ledger
+(planned vs actual, analysis.ledger) and the paper's figures, each also logged as an artifact of the study's parent
+MLflow run (the ledger's totals as its ``ledger/*`` metrics)."""
 
 from __future__ import annotations
 
 import logging
 import tempfile
+import time
 from pathlib import Path
 
 import fsspec
 import numpy as np
 import pandas as pd
+from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
 
 from analysis import figures
+from analysis.ledger import ledger_metrics, ledger_table, ledger_totals, write_ledger
 from analysis.results import export, load_study
 from workers.names import ROLE_STUDY, ROLE_TAG, STUDY_TAG
 from workers.training.mlflow_logger import tag_filter
@@ -67,6 +71,9 @@ def build_report(tracking_uri: str, study: str, out_dir: str | Path, experiment:
     if len(finished) < len(df):
         log.warning("%d of %d trials are not FINISHED; figures use the finished ones", len(df) - len(finished), len(df))
     paths = export(df, out_dir)
+    ledger = ledger_table(df)  # planned vs actual compute per trial, and the study's total
+    totals = ledger_totals(ledger)
+    paths += write_ledger(ledger, totals, out_dir)
     # Fig. 2, Fig. 3, Table 3 and Fig. 5 compare models on the original images; permuted pipelines only in Fig. 4.
     original = finished[finished["permute"].fillna("none") == "none"]
     paths += figures.results_table(original, out_dir)
@@ -89,11 +96,13 @@ def build_report(tracking_uri: str, study: str, out_dir: str | Path, experiment:
         else:
             title = f"Token-mixing weights, first {len(weights)} blocks of {variant} ({row['trial']})"
             paths += figures.fig5_token_mixing(weights, out_dir, title=title)
-    _log_artifacts(tracking_uri, study, experiment or study, paths)
+    _log_artifacts(tracking_uri, study, experiment or study, paths, ledger_metrics(totals))
     return paths
 
 
-def _log_artifacts(tracking_uri: str, study: str, experiment: str, paths: list[Path]) -> None:
+def _log_artifacts(tracking_uri: str, study: str, experiment: str, paths: list[Path],
+                   metrics: dict[str, float]) -> None:
+    """The report's files as artifacts of the study's parent run (under ``report/``), and ``metrics`` on it."""
     client = MlflowClient(tracking_uri)
     exp = client.get_experiment_by_name(experiment)
     runs = client.search_runs([exp.experiment_id], tag_filter({STUDY_TAG: study, ROLE_TAG: ROLE_STUDY}),
@@ -103,3 +112,5 @@ def _log_artifacts(tracking_uri: str, study: str, experiment: str, paths: list[P
         return
     for path in paths:
         client.log_artifact(runs[0].info.run_id, str(path), artifact_path="report")
+    now_ms = int(time.time() * 1000)
+    client.log_batch(runs[0].info.run_id, metrics=[Metric(k, v, now_ms, 0) for k, v in metrics.items()])

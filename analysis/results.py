@@ -48,13 +48,24 @@ PARAMS = {
     "resources.workers": ("workers", int),
     "resources.cpus_per_worker": ("cpus_per_worker", int),
 }
+# MLflow tag -> results column: the device a trial ran on, and the compute ledger's plan (analysis.ledger), tagged
+# at its first start; the planned numbers stay strings here ("unknown" where the plan had no calibration).
+TAGS = {
+    names.DEVICE_KIND_TAG: "device_kind",
+    names.PLAN_TRAIN_FLOPS_TAG: "planned_flops",
+    names.PLAN_DEVICE_SECONDS_TAG: "planned_device_seconds",
+    names.PLAN_COST_TAG: "planned_cost",
+    names.PLAN_PRICE_TAG: "price_per_device_hour",
+    names.PLAN_CALIBRATION_TAG: "calibration",
+}
 # ``family`` is the model family ("Mixer", "ViT", "BiT"), ``size`` its size ("B", "R50x1"), from the variant
 # (workers.models.registry); ``patch_size`` is empty for BiT.
 COLUMNS = ["study", "trial", "status", "run_id", "variant", "family", "size", "patch_size", "image_size", "fraction",
            "permute", "train_images", "steps", "batch_size", "epochs", "images_seen", "train_flops", "core_seconds",
            "cpu_seconds", "wall_seconds", "img_per_s_per_core", "train_img_per_s_per_core", "best_val_acc",
            "final_val_acc", "finetune_top1", "checkpoint", "workers", "cpus_per_worker", "train_seconds",
-           "trial_start_unix", "worker_start_unix", "first_step_unix", "train_end_unix", "trial_end_unix"]
+           "trial_start_unix", "worker_start_unix", "first_step_unix", "train_end_unix", "trial_end_unix",
+           *TAGS.values()]
 
 
 def load_study(tracking_uri: str, study: str, experiment: str | None = None) -> pd.DataFrame:
@@ -93,6 +104,8 @@ def _row(study: str, run) -> dict:
         row[column] = kind(params[param]) if param in params else np.nan
     for metric, column in METRICS.items():
         row[column] = metrics.get(metric, np.nan)
+    for tag, column in TAGS.items():
+        row[column] = tags.get(tag, np.nan)
     for key, value in metrics.items():
         if key.startswith(names.FEWSHOT_PREFIX) and key.endswith("shot"):
             row["fewshot_" + key.split("/", 1)[1]] = value

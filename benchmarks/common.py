@@ -27,6 +27,7 @@ import torch
 from workers.config import ModelConfig, head_bias
 from workers.models.registry import build_model, check_fits, get_variant
 from workers.training.precision import cpu_has_fast_bf16
+from workers.training.throughput import cpu_model
 
 NUM_CLASSES = 10  # as the digits shards the CPU studies train on
 MIN_TIMED = 3
@@ -156,16 +157,6 @@ def interleaved_medians(fns: dict[str, Callable[[], Any]], passes: int) -> dict[
     return {name: statistics.median(t) for name, t in times.items()}
 
 
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
 def _cpu_flags() -> list[str]:
     """The SIMD flags that decide matmul speed (AVX2/FMA, AVX-512, bf16, AMX), as /proc/cpuinfo lists them."""
     try:
@@ -188,7 +179,7 @@ def bf16_is_fast(device: torch.device) -> bool:
 def machine_info(device: torch.device, threads: int) -> dict[str, Any]:
     """CPU model and flags, cores, library versions, bf16 support, GPU (if any), load average at the start."""
     info: dict[str, Any] = {
-        "cpu_model": _cpu_model(),
+        "cpu_model": cpu_model(),  # with gpu_name: the device kind (analysis.ledger)
         "cpu_flags": _cpu_flags(),
         "logical_cpus": os.cpu_count(),
         "cpu_has_fast_bf16": cpu_has_fast_bf16(),

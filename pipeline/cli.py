@@ -2,7 +2,7 @@
 
   models    list the model variants with sizes and FLOPs
   shards    write WebDataset shards (bundled digits, an ImageFolder tree) or index a WebDataset corpus (--from wds)
-  plan      dry run of a study: grid, steps, epochs, FLOPs (no Ray)
+  plan      dry run of a study: grid, steps, epochs, FLOPs, device-seconds and cost (no Ray)
   run       run a study on Ray Tune (embedded local Ray, or --address / $RAY_ADDRESS)
   resume    finish an interrupted study
   sync      send to MLflow what a study spooled while the tracking server was down
@@ -80,11 +80,16 @@ def _shards(args: argparse.Namespace) -> None:
 
 
 def _plan(args: argparse.Namespace) -> None:
-    from pipeline.plan import format_plan, plan_study
+    from pipeline.plan import calibrate, format_ledger, format_plan, plan_costs, plan_study
     from pipeline.spec import load_study
 
     spec = load_study(args.study)
-    print(format_plan(spec, plan_study(spec)))
+    plans = plan_study(spec)
+    print(format_plan(spec, plans))
+    calibration = calibrate(spec, tracking_uri=args.tracking_uri, bench=args.bench, price=args.price_per_hour,
+                            kind=args.device_kind)
+    print()
+    print(format_ledger(plans, plan_costs(spec, plans, calibration), calibration))
 
 
 def _run(args: argparse.Namespace) -> None:
@@ -279,8 +284,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_shards)
 
-    p = verbs.add_parser("plan", help="dry run: the grid, steps, epochs and FLOPs of a study")
+    p = verbs.add_parser("plan", help="dry run: the grid, steps, epochs, FLOPs, device-seconds and cost of a study")
     p.add_argument("study", help="study YAML file")
+    p.add_argument("--bench", help="a `mixer-study bench` JSON whose train_step img/s calibrate the device-seconds "
+                                   "(default resources.calibration); used only if measured on the study's device kind")
+    p.add_argument("--price-per-hour", type=float,
+                   help="price of one device (CPU core or GPU) per hour (default resources.price_per_device_hour)")
+    p.add_argument("--device-kind", help="the device the trials will run on, as trials tag it: 'cpu:<CPU model>' or "
+                                         "'cuda:<GPU name>' (default resources.device_kind, else this machine's)")
+    p.add_argument("--tracking-uri", help="MLflow store whose earlier finished runs calibrate the device-seconds "
+                                          "(default: study file, $MLFLOW_TRACKING_URI, else sqlite ./mlflow.db)")
     p.set_defaults(func=_plan)
 
     ray_args = argparse.ArgumentParser(add_help=False)

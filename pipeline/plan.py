@@ -1,20 +1,48 @@
-"""StudySpec -> the list of trials to run, with their names, steps, epochs and analytic compute. No Ray here.
+"""StudySpec -> the list of trials to run, with their names, steps, epochs and analytic compute, and the compute
+ledger's prediction (device-seconds and cost, analysis.ledger). No Ray here.
 
 ``mixer-study plan`` prints this; ``mixer-study run`` hands the same list to Ray Tune, so what the dry run shows is
-exactly what runs.
+exactly what runs; it tags each trial's MLflow run with its planned numbers, which ``report`` sets beside the actual.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+from dataclasses import dataclass, field
 from functools import lru_cache
+from pathlib import Path
 from typing import Any
 
+import fsspec
+import pandas as pd
+import torch
+
+from analysis.ledger import (
+    CALIBRATION_COLUMNS,
+    UNKNOWN,
+    PlannedCost,
+    bench_device_kind,
+    bench_throughput,
+    canonical_variant,
+    load_calibration_runs,
+    planned_cost,
+    runs_throughput,
+)
 from pipeline.spec import StudyError, StudySpec, trial_name
+from pipeline.tracking import check_tracking, redact_url, resolve_tracking_uri
 from workers.config import TrialConfig, flatten
 from workers.data.fractions import class_counts, subset_size
 from workers.data.manifest import Manifest, load_manifest
 from workers.models.registry import check_fits, forward_flops, get_variant, train_flops_per_image
+from workers.names import (
+    PLAN_CALIBRATION_TAG,
+    PLAN_COST_TAG,
+    PLAN_DEVICE_KIND_TAG,
+    PLAN_DEVICE_SECONDS_TAG,
+    PLAN_PRICE_TAG,
+    PLAN_TRAIN_FLOPS_TAG,
+)
+from workers.training.throughput import device_kind
 
 
 @dataclass(frozen=True)
@@ -37,6 +65,18 @@ class TrialPlan:
 @lru_cache(maxsize=64)
 def _manifest(url: str) -> Manifest:
     return load_manifest(url)
+
+
+def _field_manifest(field: str, url: str, study: str, point: dict[str, Any]) -> Manifest:
+    """The manifest the recipe field ``field`` (e.g. "data.train") points at; StudyError naming the field if it
+    cannot be read (missing, unreadable, not a manifest)."""
+    try:
+        return _manifest(url)
+    except (OSError, ValueError) as error:
+        message = str(error)
+        if isinstance(error, FileNotFoundError):  # "no data-set manifest at URL ...": say it as the field's fault
+            message = message.replace("no data-set manifest at", "no manifest at", 1)
+        raise StudyError(f"{field}: {message} (study {study}, trial {trial_name(point)})") from None
 
 
 def _check_fewshot_classes(config: TrialConfig, manifest: Manifest, trial: str) -> None:
@@ -82,15 +122,11 @@ def plan_study(spec: StudySpec) -> list[TrialPlan]:
         config = spec.trial_config(raw_point)
         flat = flatten(config)
         point = {key: flat[key] for key in raw_point}
-        try:
-            manifest = _manifest(config.data.train)
-            _manifest(config.data.val)
-            if config.fewshot.enabled:
-                _manifest(config.fewshot.train)
-                _manifest(config.fewshot.test)
-        except (OSError, ValueError) as error:
-            raise StudyError(
-                f"study {spec.name}, trial {trial_name(point)}: cannot read a data manifest: {error}") from None
+        manifest = _field_manifest("data.train", config.data.train, spec.name, point)
+        _field_manifest("data.val", config.data.val, spec.name, point)
+        if config.fewshot.enabled:
+            _field_manifest("fewshot.train", config.fewshot.train, spec.name, point)
+            _field_manifest("fewshot.test", config.fewshot.test, spec.name, point)
         if config.fewshot.enabled:
             _check_fewshot_classes(config, _manifest(config.fewshot.train), trial_name(point))
         variant = get_variant(config.model.variant)
@@ -99,10 +135,10 @@ def plan_study(spec: StudySpec) -> list[TrialPlan]:
             raise StudyError(f"data.image_size: required, because {manifest.url} holds images of varying size "
                              "(its manifest has no image_size)")
         if config.finetune.enabled:
-            _manifest(config.finetune.train)
-            _manifest(config.finetune.test)
+            _field_manifest("finetune.train", config.finetune.train, spec.name, point)
+            _field_manifest("finetune.test", config.finetune.test, spec.name, point)
             if config.finetune.val:
-                _manifest(config.finetune.val)
+                _field_manifest("finetune.val", config.finetune.val, spec.name, point)
             _check_finetune_resolution(config, variant, image_size, trial_name(point))
         if config.data.permute != "none" and image_size % config.data.permute_patch:
             raise StudyError(
@@ -139,6 +175,157 @@ def plan_study(spec: StudySpec) -> list[TrialPlan]:
     if len(set(names)) != len(names):
         raise StudyError(f"study {spec.name}: grid points give duplicate trial names: {names}")
     return plans
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """What a plan's device-seconds and cost come from (:func:`calibrate`): the device kind the trials will run on,
+    the price per device-hour, earlier finished runs on that kind, a bench JSON of that kind, and notes on what was
+    looked at and left out."""
+
+    device_kind: str | None
+    price: float | None
+    runs: pd.DataFrame
+    bench: dict[str, Any] | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+def local_device_kind(gpus: bool) -> str | None:
+    """This machine's device kind for a study on GPUs (``gpus``) or CPU cores; None for GPUs where it has none.
+
+    Args:
+        gpus: whether the study's workers hold GPUs.
+    """
+    if gpus:
+        return device_kind(torch.device("cuda", 0)) if torch.cuda.is_available() else None
+    return device_kind(torch.device("cpu"))
+
+
+def calibrate(spec: StudySpec, *, tracking_uri: str | None = None, bench: str | None = None,
+              price: float | None = None, kind: str | None = None) -> Calibration:
+    """Gather the ledger's inputs. Arguments win over the study's ``resources`` fields.
+
+    Args:
+        spec: the study.
+        tracking_uri: the store whose earlier finished runs calibrate (default: the study's, $MLFLOW_TRACKING_URI,
+            ./mlflow.db; a sqlite file that does not exist is not created, and a store that does not answer is
+            left out with a note, since a dry run must not need one).
+        bench: a ``mixer-study bench`` JSON (default ``resources.calibration``); used only if measured on ``kind``.
+        price: per device-hour (default ``resources.price_per_device_hour``).
+        kind: the device kind (default ``resources.device_kind``, else this machine's).
+    """
+    r = spec.resources
+    price = price if price is not None else r.price_per_device_hour
+    if price is not None and price < 0:
+        raise StudyError(f"price per device-hour: {price} is negative; give 0 or more")
+    kind = kind or r.device_kind or local_device_kind(r.gpus_per_worker > 0)
+    runs = pd.DataFrame(columns=CALIBRATION_COLUMNS)
+    notes: list[str] = []
+    if kind is None:
+        notes.append("device kind unknown: the study's workers hold GPUs and this machine has none to name; set "
+                     "resources.device_kind or --device-kind (e.g. 'cuda:NVIDIA H100 80GB HBM3')")
+    uri = resolve_tracking_uri(tracking_uri, spec.tracking.uri)
+    if kind and uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).exists():
+        notes.append(f"earlier runs: none ({uri} does not exist)")
+    elif kind:
+        try:
+            check_tracking(uri, timeout_s=5.0)
+            runs = load_calibration_runs(uri, kind)
+            notes.append(f"earlier runs: {len(runs)} finished on this device kind in {redact_url(uri)}")
+        except StudyError as error:
+            notes.append(f"earlier runs: not read ({error})")
+    bench_doc = None
+    bench = bench or r.calibration
+    if bench:
+        try:
+            with fsspec.open(bench, "r") as f:
+                doc = json.load(f)
+        except (OSError, ValueError) as error:
+            raise StudyError(f"calibration bench file {bench}: cannot read it as a `mixer-study bench` JSON: "
+                             f"{error}") from None
+        measured = bench_device_kind(doc)
+        if measured == kind:
+            bench_doc = doc
+            notes.append(f"bench: {bench}")
+        else:
+            notes.append(f"bench: {bench} left out: it measured {measured}, the study runs on {kind or UNKNOWN}")
+    return Calibration(kind, price, runs, bench_doc, notes)
+
+
+def plan_costs(spec: StudySpec, plans: list[TrialPlan], calibration: Calibration) -> list[PlannedCost]:
+    """Each trial's planned FLOPs, device-seconds and cost: earlier runs first (real trials, loader included), then
+    the bench; "unknown" where neither timed that model on the study's device kind.
+
+    Args:
+        spec: the study (its workers per trial).
+        plans: :func:`plan_study`.
+        calibration: :func:`calibrate`.
+    """
+    kind, costs = calibration.device_kind, []
+    for p in plans:
+        train = p.config.train
+        variant = canonical_variant(p.config.model.variant)
+        batch_per_worker = train.batch_size // spec.resources.workers_per_trial
+        throughput = None
+        if kind is not None:
+            throughput = runs_throughput(calibration.runs, variant, p.image_size, train.precision, str(train.compile),
+                                         batch_per_worker)
+            if throughput is None and calibration.bench is not None:
+                compiled = train.compile is True or (train.compile == "auto" and kind.startswith("cuda"))
+                throughput = bench_throughput(calibration.bench, variant, p.image_size, train.precision, compiled,
+                                              batch_per_worker)
+        why = (f"none: no earlier run or bench row of {variant} at {p.image_size} px ({train.precision}) on this "
+               "device kind" if kind else "none: device kind unknown")
+        costs.append(planned_cost(p.train_flops, p.images_seen, throughput, calibration.price, why))
+    return costs
+
+
+def plan_tags(cost: PlannedCost, calibration: Calibration) -> dict[str, str]:
+    """A trial's prediction as the MLflow tags its run gets at its first start (``report`` reads them back).
+
+    Args:
+        cost: the trial's :class:`PlannedCost`.
+        calibration: where it came from (device kind, price).
+    """
+    def text(value: float | None) -> str:
+        return UNKNOWN if value is None else repr(float(value))
+
+    return {PLAN_TRAIN_FLOPS_TAG: text(cost.train_flops), PLAN_DEVICE_SECONDS_TAG: text(cost.device_seconds),
+            PLAN_COST_TAG: text(cost.cost), PLAN_PRICE_TAG: text(calibration.price),
+            PLAN_DEVICE_KIND_TAG: calibration.device_kind or UNKNOWN, PLAN_CALIBRATION_TAG: cost.calibration}
+
+
+def format_ledger(plans: list[TrialPlan], costs: list[PlannedCost], calibration: Calibration) -> str:
+    """The plan's ledger: per trial FLOPs, device-seconds, cost and its calibration, then the totals.
+
+    Args:
+        plans: :func:`plan_study`.
+        costs: :func:`plan_costs`, in the same order.
+        calibration: :func:`calibrate`.
+    """
+    def cell(value: float | None, fmt: str) -> str:
+        return UNKNOWN if value is None else format(value, fmt)
+
+    lines = [f"compute ledger on {calibration.device_kind or UNKNOWN}, price per device-hour "
+             f"{cell(calibration.price, 'g')} (a device = a CPU core or a GPU)",
+             f"{'trial':<40} {'train FLOPs':>12} {'device-s':>10} {'cost':>10}  calibration"]
+    for p, c in zip(plans, costs):
+        lines.append(f"{p.name:<40} {c.train_flops:>12.3e} {cell(c.device_seconds, '.4g'):>10} "
+                     f"{cell(c.cost, '.4g'):>10}  {c.calibration}")
+    known = [c for c in costs if c.device_seconds is not None]
+    unknown = len(costs) - len(known)
+    seconds = sum(c.device_seconds for c in known)
+    cost = None if calibration.price is None else sum(c.cost for c in known)
+    partial = f" for the {len(known)} calibrated trial(s)" if unknown else ""
+    lines.append(f"total: {sum(c.train_flops for c in costs):.3e} training FLOPs, "
+                 + (f"{seconds:.4g} device-seconds ({seconds / 3600:.4g} device-hours){partial}, cost "
+                    f"{cell(cost, '.4g')}{partial if cost is not None else ''}" if known else
+                    "device-seconds and cost unknown")
+                 + (f"; {unknown} of {len(costs)} trial(s) unknown (no calibration)" if unknown else "")
+                 + ("" if calibration.price is not None else
+                    "; no price: set resources.price_per_device_hour or --price-per-hour"))
+    lines += [f"  {note}" for note in calibration.notes]
+    return "\n".join(lines)
 
 
 def format_plan(spec: StudySpec, plans: list[TrialPlan]) -> str:

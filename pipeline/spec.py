@@ -47,6 +47,18 @@ class ResourcesSpec(BaseModel):
         1, ge=0, description="retries of a failed trial, each resuming from its last checkpoint (the only retry layer:"
         " a trial runs at most 1 + max_failures times)"
     )
+    price_per_device_hour: float | None = Field(
+        None, ge=0, description="what one device (a CPU core, or a GPU) costs per hour, in any currency: the compute"
+        " ledger's cost (pipeline.plan); null = cost unknown"
+    )
+    device_kind: str | None = Field(
+        None, description="the device the trials run on, as trials tag it (mixer.device_kind: 'cpu:<CPU model>' or"
+        " 'cuda:<GPU name>'), for the ledger's planned device-seconds; default: this machine's"
+    )
+    calibration: str | None = Field(
+        None, description="a `mixer-study bench` JSON whose train_step img/s calibrate the planned device-seconds"
+        " (besides earlier finished runs on the same device kind)"
+    )
 
 
 class TrackingSpec(BaseModel):

@@ -28,7 +28,7 @@ import mlflow.tracking
 import psutil
 import ray
 import ray.train
-from mlflow.entities import RunStatus
+from mlflow.entities import RunStatus, RunTag
 from ray.train.torch import TorchTrainer
 
 from pipeline.finetune_sweep import run_finetune
@@ -87,17 +87,20 @@ class TrialJob:
     system_metrics: bool = True
     parent_run_id: str | None = None
     point: dict[str, Any] = field(default_factory=dict)
+    planned: dict[str, str] = field(default_factory=dict)  # the ledger's prediction as tags (pipeline.plan.plan_tags)
 
 
 def make_job(spec: StudySpec, name: str, config: TrialConfig, point: dict[str, Any], *, tracking_uri: str,
-             storage: str, role: str = STUDY_TRIAL, parent_run_id: str | None = None) -> dict[str, Any]:
-    """The one constructor of a trial's job (``run`` for every grid point, ``train`` for its single run)."""
+             storage: str, role: str = STUDY_TRIAL, parent_run_id: str | None = None,
+             planned: dict[str, str] | None = None) -> dict[str, Any]:
+    """The one constructor of a trial's job (``run`` for every grid point, ``train`` for its single run); ``planned``
+    is the compute ledger's prediction, tagged on the trial's run at its first start."""
     r = spec.resources
     return dataclasses.asdict(TrialJob(
         name=name, study=spec.name, role=role, trial=config.model_dump(mode="json"), tracking_uri=tracking_uri,
         experiment=spec.experiment, storage="/".join([storage.rstrip("/"), spec.name, "train"]),
         workers=r.workers_per_trial, cpus_per_worker=r.cpus_per_worker, gpus_per_worker=r.gpus_per_worker,
-        system_metrics=spec.tracking.system_metrics, parent_run_id=parent_run_id, point=point,
+        system_metrics=spec.tracking.system_metrics, parent_run_id=parent_run_id, point=point, planned=planned or {},
     ))
 
 
@@ -219,8 +222,13 @@ def _open_run(client: mlflow.tracking.MlflowClient, job: TrialJob, trial: TrialC
     manifest = load_manifest(trial.data.train)
     run_id = trial_run(client, exp_id, job.study, job.parent_run_id, job.name, trial_params(trial, job, manifest),
                        role=job.role)
-    attempts = int(client.get_run(run_id).data.tags.get(ATTEMPTS_TAG, "0")) + 1
+    tags = client.get_run(run_id).data.tags
+    attempts = int(tags.get(ATTEMPTS_TAG, "0")) + 1
     client.set_tag(run_id, ATTEMPTS_TAG, str(attempts))
+    # The plan's prediction, as first made: a retry or resume keeps it (report compares it with the actual).
+    first_plan = [RunTag(k, v) for k, v in job.planned.items() if k not in tags]
+    if first_plan:
+        client.log_batch(run_id, tags=first_plan)
     client.set_tag(run_id, GRID_POINT_TAG, ",".join(f"{k}={v}" for k, v in job.point.items()) or "base")
     with fail_fast_http():
         replay_spool(client, spool)  # an earlier attempt's records first, so this attempt's follow them in order

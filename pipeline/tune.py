@@ -25,8 +25,9 @@ import yaml
 from mlflow.entities import RunStatus
 from ray import tune
 
+from analysis.ledger import PlannedCost
 from pipeline.lock import StudyLock
-from pipeline.plan import TrialPlan, plan_study
+from pipeline.plan import Calibration, TrialPlan, calibrate, plan_costs, plan_study, plan_tags
 from pipeline.progress import StudyProgress
 from pipeline.spec import StudyError, StudySpec, parse_study
 from pipeline.tracking import connect_tracking, experiment_id, redact_url, resolve_tracking_uri, study_run
@@ -125,9 +126,11 @@ def default_concurrency(spec: StudySpec, fit: int) -> int:
     return spec.resources.max_concurrent_trials or fit + 1
 
 
-def _jobs(spec: StudySpec, plans: list[TrialPlan], tracking_uri: str, storage: str, parent_run_id: str) -> list[dict]:
+def _jobs(spec: StudySpec, plans: list[TrialPlan], tracking_uri: str, storage: str, parent_run_id: str,
+          costs: list[PlannedCost], calibration: Calibration) -> list[dict]:
     return [make_job(spec, p.name, p.config, p.point, tracking_uri=tracking_uri, storage=storage,
-                     parent_run_id=parent_run_id) for p in plans]
+                     parent_run_id=parent_run_id, planned=plan_tags(cost, calibration))
+            for p, cost in zip(plans, costs)]
 
 
 def _write_text(url: str, text: str) -> None:
@@ -172,6 +175,9 @@ def _start_or_continue(spec: StudySpec, plans: list[TrialPlan], *, address: str 
         write(f"study {spec.name} exists at {study_dir}: continuing it (finished trials are kept)")
         return resume_study(spec.name, address=address, storage=storage, write=write)
 
+    # The compute ledger's prediction, made before this study's own runs exist (they would calibrate it).
+    calibration = calibrate(spec, tracking_uri=tracking_uri)
+    costs = plan_costs(spec, plans, calibration)
     client = mlflow.tracking.MlflowClient(tracking_uri)
     exp_id = experiment_id(client, spec.experiment)
     parent = study_run(client, exp_id, spec.name, {"grid_size": len(plans), "grid_keys": ",".join(spec.grid),
@@ -187,7 +193,7 @@ def _start_or_continue(spec: StudySpec, plans: list[TrialPlan], *, address: str 
     write(f"Ray logs: {ray_logs_dir()}")
     tuner = tune.Tuner(
         _trainable(),
-        param_space={"job": tune.grid_search(_jobs(spec, plans, tracking_uri, storage, parent))},
+        param_space={"job": tune.grid_search(_jobs(spec, plans, tracking_uri, storage, parent, costs, calibration))},
         tune_config=tune.TuneConfig(
             max_concurrent_trials=concurrency,
             # A finished trial's driver process runs the next trial: it does not pay the imports again (about 7 CPU

@@ -123,6 +123,19 @@ def fewshot_std_metric(shots: int) -> str:
 
 FEWSHOT_5SHOT = fewshot_metric(5)  # the headline quality of a study
 
+# -- ledger/: the study's compute ledger, planned vs actual (analysis.ledger; on the study's parent run) -----------
+
+LEDGER_PLANNED_FLOPS = "ledger/planned_flops"
+LEDGER_ACTUAL_FLOPS = "ledger/actual_flops"
+LEDGER_RATIO_FLOPS = "ledger/ratio_flops"  # actual / planned, over the trials where both are known
+LEDGER_PLANNED_DEVICE_HOURS = "ledger/planned_device_hours"
+LEDGER_ACTUAL_DEVICE_HOURS = "ledger/actual_device_hours"
+LEDGER_RATIO_DEVICE_HOURS = "ledger/ratio_device_hours"
+LEDGER_PLANNED_COST = "ledger/planned_cost"
+LEDGER_ACTUAL_COST = "ledger/actual_cost"
+LEDGER_RATIO_COST = "ledger/ratio_cost"
+LEDGER_UNKNOWN_TRIALS = "ledger/unknown_trials"  # trials whose planned device-seconds had no calibration
+
 # -- system/: MLflow's own system-metrics sampler ----------------------------------------------------------------
 
 SYSTEM_PREFIX = "system/"
@@ -142,6 +155,14 @@ FINETUNE_BEST_LR_TAG = "finetune.best_lr"
 FINETUNE_CHECKPOINT_TAG = "finetune.checkpoint"
 PRECISION_RESOLVED_TAG = "train.precision_resolved"
 COMPILE_RESOLVED_TAG = "train.compile_resolved"
+DEVICE_KIND_TAG = "mixer.device_kind"  # what rank 0 trained on: "cpu:<CPU model>" or "cuda:<GPU name>"
+# The plan's prediction for a trial (pipeline.plan), tagged at its first start; "unknown" where it had none.
+PLAN_TRAIN_FLOPS_TAG = "plan.train_flops"
+PLAN_DEVICE_SECONDS_TAG = "plan.device_seconds"
+PLAN_COST_TAG = "plan.cost"
+PLAN_PRICE_TAG = "plan.price_per_device_hour"
+PLAN_DEVICE_KIND_TAG = "plan.device_kind"
+PLAN_CALIBRATION_TAG = "plan.calibration"  # where its throughput came from (earlier runs, a bench file) or why none
 
 ROLE_STUDY = "study"  # the study's parent run
 ROLE_TRIAL = "trial"  # a grid point of a study (what analysis.results reads)

@@ -27,6 +27,7 @@ from workers.data.permute import permute_spec
 from workers.models.registry import build_model
 from workers.names import (
     COMPILE_RESOLVED_TAG,
+    DEVICE_KIND_TAG,
     PERF_BEST_BATCH_SIZE,
     PERF_IMG_PER_S_PER_CORE,
     PERF_MFU,
@@ -35,7 +36,7 @@ from workers.names import (
 from workers.training.checkpoint import load_model, read_state, write_checkpoint
 from workers.training.finetuner import FineTuner
 from workers.training.loop import ReportFn, StepLoop
-from workers.training.throughput import inference_throughput, peak_flops
+from workers.training.throughput import device_kind, inference_throughput, peak_flops
 from workers.training.trainer import Trainer
 
 log = logging.getLogger(__name__)
@@ -84,6 +85,7 @@ def _train(trial: TrialConfig, config: dict[str, Any], rank: int, world_size: in
     if tracker:
         tracker.set_tag(PRECISION_RESOLVED_TAG, trainer.precision)
         tracker.set_tag(COMPILE_RESOLVED_TAG, str(trainer.compiled).lower())
+        tracker.set_tag(DEVICE_KIND_TAG, device_kind(device))  # what its throughput calibrates (analysis.ledger)
     trainer.fit(_reporter(trainer, rank, tracker))
 
     if tracker:

@@ -3,7 +3,9 @@ and the device peak that ``perf/mfu`` divides by."""
 
 from __future__ import annotations
 
+import platform
 import time
+from pathlib import Path
 
 import torch
 
@@ -86,3 +88,28 @@ def peak_flops(device: torch.device, precision: str, threads: int) -> float:
             if key in name:
                 return peaks["bf16" if precision == "bf16" else "fp32"]
     return measured_matmul_flops(precision, threads, device)
+
+
+def cpu_model() -> str:
+    """The CPU's model name as /proc/cpuinfo gives it (``platform.processor()`` elsewhere), or "unknown"."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def device_kind(device: torch.device) -> str:
+    """What a throughput measured on ``device`` is a property of: ``cpu:<CPU model>`` or ``cuda:<GPU name>``.
+
+    Trials tag it (``mixer.device_kind``) and ``mixer-study bench`` records the same parts, so the compute ledger
+    (analysis.ledger) calibrates a plan only from measurements on the same kind of device.
+
+    Args:
+        device: a CPU or CUDA device.
+    """
+    if device.type == "cuda":
+        return f"cuda:{torch.cuda.get_device_name(device)}"
+    return f"cpu:{cpu_model()}"
