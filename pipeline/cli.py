@@ -16,9 +16,9 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -107,10 +107,21 @@ def _run(args: argparse.Namespace) -> None:
         raise SystemExit(1)
 
 
+def _study_name(value: str) -> tuple[str, Any]:
+    """A study's name and its validated spec from a study YAML path (``*.yaml``/``*.yml``), else ``value`` itself
+    as the name and no spec: `report`, `resume` and `sync` take either."""
+    if not value.endswith((".yaml", ".yml")):
+        return value, None
+    from pipeline.spec import load_study
+
+    spec = load_study(value)
+    return spec.name, spec
+
+
 def _resume(args: argparse.Namespace) -> None:
     from pipeline.tune import resume_study
 
-    rows = resume_study(args.name, address=args.address, storage=args.storage)
+    rows = resume_study(_study_name(args.name)[0], address=args.address, storage=args.storage)
     _print_rows(rows)
     if any(r["status"] != "DONE" for r in rows):
         raise SystemExit(1)
@@ -119,7 +130,7 @@ def _resume(args: argparse.Namespace) -> None:
 def _sync(args: argparse.Namespace) -> None:
     from pipeline.tune import sync_study
 
-    sync_study(args.name, storage=args.storage)
+    sync_study(_study_name(args.name)[0], storage=args.storage)
 
 
 def _print_rows(rows: list[dict[str, Any]]) -> None:
@@ -192,22 +203,22 @@ def _report(args: argparse.Namespace) -> None:
     from analysis.report import build_report
     from pipeline.tracking import connect_tracking, resolve_tracking_uri
 
-    out = args.out or f"results/{args.study}"
-    uri = connect_tracking(resolve_tracking_uri(args.tracking_uri))
-    paths = build_report(uri, args.study, out, experiment=args.experiment)
-    print(f"report of study {args.study}: {len(paths)} files in {Path(out).resolve()}")
+    study, spec = _study_name(args.study)
+    out = args.out or f"results/{study}"
+    uri = connect_tracking(resolve_tracking_uri(args.tracking_uri, spec.tracking.uri if spec else None))
+    experiment = args.experiment or (spec.tracking.experiment if spec else None)
+    paths = build_report(uri, study, out, experiment=experiment)
+    print(f"report of study {study}: {len(paths)} files in {Path(out).resolve()}")
     for path in paths:
         print(f"  {path}")
 
 
 def _ui(args: argparse.Namespace) -> None:
     from pipeline.tracking import resolve_tracking_uri
+    from pipeline.ui import serve
 
-    uri = resolve_tracking_uri(args.tracking_uri)
-    print(f"MLflow UI for {uri} at http://{args.host}:{args.port} (Ctrl-C to stop)")
-    command = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", args.host,
-               "--port", str(args.port)]
-    raise SystemExit(subprocess.call(command))
+    raise SystemExit(serve(resolve_tracking_uri(args.tracking_uri), args.host, args.port, name=args.study,
+                           open_browser=args.open))
 
 
 def _bench(args: argparse.Namespace) -> None:
@@ -224,6 +235,19 @@ def _bench(args: argparse.Namespace) -> None:
     results = run_benchmarks(config, out=args.out)
     if results["failed_sections"]:
         raise SystemExit(1)
+
+
+class _DefaultsHelpFormatter(argparse.HelpFormatter):
+    """Appends "(default: X)" to an option's help, unless the help already names its default or there is none to
+    show (None, False, an empty list)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        unset = default is None or default is False or default == [] or default is argparse.SUPPRESS
+        if action.option_strings and not unset and "default" not in text:
+            text += " (default: %(default)s)"
+        return text
 
 
 def _fit(args: argparse.Namespace) -> None:
@@ -251,13 +275,23 @@ def _fit(args: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mixer-study", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
+    parser = argparse.ArgumentParser(prog="mixer-study", description=__doc__.split("\n\n")[0].replace("``", ""),
+                                     epilog="mixer-study VERB --help shows a verb's options.")
+    verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB",
+                                  parser_class=functools.partial(argparse.ArgumentParser,
+                                                                 formatter_class=_DefaultsHelpFormatter))
+    add_verb = verbs.add_parser
+
+    def add_verb_with_description(name: str, **kwargs: Any) -> argparse.ArgumentParser:
+        """``verbs.add_parser`` with the verb's one-line help as its ``VERB --help`` description too."""
+        kwargs.setdefault("description", kwargs.get("help"))
+        return add_verb(name, **kwargs)
+
+    verbs.add_parser = add_verb_with_description  # every verb, including ones added below by later edits
 
     p = verbs.add_parser("models", help="list model variants")
-    p.add_argument("--image-size", type=int, default=224)
-    p.add_argument("--num-classes", type=int, default=1000)
+    p.add_argument("--image-size", type=int, default=224, help="input resolution the sizes and FLOPs are for")
+    p.add_argument("--num-classes", type=int, default=1000, help="classes of the head")
     p.set_defaults(func=_models)
 
     p = verbs.add_parser("shards", help="write WebDataset shards")
@@ -280,8 +314,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=["png", "jpeg"], default="png",
                    help="sample encoding: png (lossless) or jpeg (several times smaller for photos; imagefolder only)")
     p.add_argument("--jpeg-quality", type=int, default=95, help="JPEG quality 1..100 for --format jpeg")
-    p.add_argument("--samples-per-shard", type=int, default=25)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--samples-per-shard", type=int, default=25, help="samples per tar shard")
+    p.add_argument("--seed", type=int, default=0, help="seed of the shuffle (and of the train/val/test split)")
     p.set_defaults(func=_shards)
 
     p = verbs.add_parser("plan", help="dry run: the grid, steps, epochs, FLOPs, device-seconds and cost of a study")
@@ -300,20 +334,23 @@ def build_parser() -> argparse.ArgumentParser:
     ray_args.add_argument("--address", help="Ray cluster address (default $RAY_ADDRESS, else an embedded local Ray)")
     ray_args.add_argument("--storage", help="checkpoint/experiment storage, a path or URL such as s3://bucket/x "
                                             "(default $MIXER_STUDY_STORAGE, else ./runs)")
-    track_args = argparse.ArgumentParser(add_help=False)
-    track_args.add_argument("--tracking-uri", help="MLflow tracking URI (default: study file, $MLFLOW_TRACKING_URI, "
-                                                   "else sqlite ./mlflow.db)")
+    track_args = argparse.ArgumentParser(add_help=False)  # verbs that read a study file
+    track_args.add_argument("--tracking-uri", help="MLflow tracking URI (default: the study file's tracking.uri, "
+                                                   "else $MLFLOW_TRACKING_URI, else sqlite ./mlflow.db)")
+    store_args = argparse.ArgumentParser(add_help=False)  # verbs that take no study file
+    store_args.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite "
+                                                   "./mlflow.db)")
 
     p = verbs.add_parser("run", parents=[ray_args, track_args], help="run a study on Ray Tune")
     p.add_argument("study", help="study YAML file")
     p.set_defaults(func=_run)
 
     p = verbs.add_parser("resume", parents=[ray_args], help="finish an interrupted study")
-    p.add_argument("name", help="study name (as in its YAML)")
+    p.add_argument("name", metavar="STUDY", help="study name (as in its YAML) or the study YAML file")
     p.set_defaults(func=_resume)
 
     p = verbs.add_parser("sync", help="send to MLflow what a study spooled while its tracking server was down")
-    p.add_argument("name", help="study name (as in its YAML)")
+    p.add_argument("name", metavar="STUDY", help="study name (as in its YAML) or the study YAML file")
     p.add_argument("--storage", help="the study's storage (default $MIXER_STUDY_STORAGE, else ./runs)")
     p.set_defaults(func=_sync)
 
@@ -329,9 +366,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", help="downstream shard folder with train/ and test/ splits")
     p.add_argument("--train", help="manifest URL of the split the k-shot sets come from")
     p.add_argument("--test", help="manifest URL of the test split")
-    p.add_argument("--shots", type=int, nargs="+", default=[1, 5, 10, 25])
-    p.add_argument("--seeds", type=int, default=3)
-    p.add_argument("--l2-reg", type=float, default=2.0**10)
+    p.add_argument("--shots", type=int, nargs="+", default=[1, 5, 10, 25], help="examples per class (k of k-shot)")
+    p.add_argument("--seeds", type=int, default=3, help="random k-shot training sets per k (the mean is reported)")
+    p.add_argument("--l2-reg", type=float, default=2.0**10, help="L2 regularisation of the linear probe")
     p.add_argument("--train-samples", type=int, default=65_000,
                    help="use the first N samples of the train split (big_vision train[:65000]; 0 = all)")
     p.add_argument("--crop-fraction", type=float, default=0.875,
@@ -340,14 +377,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_fewshot)
 
     p = verbs.add_parser("report", parents=[track_args], help="results table and paper figures of a study")
-    p.add_argument("study", help="study name")
+    p.add_argument("study", metavar="STUDY", help="study name (as in its YAML) or the study YAML file")
     p.add_argument("--out", help="output folder (default results/<study>)")
     p.add_argument("--experiment", help="MLflow experiment if not the study name")
     p.set_defaults(func=_report)
 
-    p = verbs.add_parser("ui", parents=[track_args], help="MLflow UI for the tracking store")
-    p.add_argument("--host", default="127.0.0.1", help="bind address (default loopback only)")
-    p.add_argument("--port", type=int, default=5000)
+    p = verbs.add_parser("ui", parents=[store_args],
+                         help="serve the MLflow UI of the tracking store and print the link to a study's runs table "
+                              "(Ctrl-C or SIGTERM stops it)")
+    p.add_argument("study", nargs="?", metavar="STUDY",
+                   help="the study to link to (default: the most recently started study in the store)")
+    p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=5000, help="TCP port of the UI")
+    p.add_argument("--open", action="store_true", help="also open the link in the default web browser")
     p.set_defaults(func=_ui)
 
     p = verbs.add_parser("bench", help="speed benchmarks: matmul ceiling, training step and inference, loader, "
@@ -365,7 +407,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, help="timed steps per cell at most (default 10)")
     p.add_argument("--compile", action="store_true", help="also time torch.compile'd training steps")
     p.add_argument("--quick", action="store_true", help="a tiny configuration of seconds (Nano-4, 16 px, CPU)")
-    p.add_argument("--out", default="bench-results/bench.json")
+    p.add_argument("--out", default="bench-results/bench.json", help="where the JSON results go")
     p.set_defaults(func=_bench)
 
     p = verbs.add_parser("fit", help="fit a scaling law with bootstrap intervals to a CSV of runs")
@@ -380,7 +422,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--group", help="column of group labels: the bootstrap resamples whole groups (runs sharing a "
                    "model size, seed or family)")
     p.add_argument("--bootstrap", type=int, default=200, help="bootstrap resamples (default 200)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the bootstrap resampling")
     p.add_argument("--predict", help="CSV with the same input columns: a 95 %% prediction interval per row")
     p.add_argument("--json", required=True, help="output JSON")
     p.set_defaults(func=_fit)

@@ -30,9 +30,9 @@ from workers.training.mlflow_logger import fail_fast_http, tag_filter
 
 log = logging.getLogger(__name__)
 
-# MLflow 3's UI opens an experiment without this tag in its GenAI view (traces, token usage); with
-# "custom_model_development" it opens on the runs table, which is what a training study wants. Same key and value
-# that the UI's own experiment-kind selector writes.
+# The experiment's kind, as the UI's own experiment-kind selector writes it. MLflow 3.17's UI no longer opens on the
+# runs table because of it: it follows its workflowType switch (GenAI by default), so the link that `mixer-study ui`
+# prints carries workflowType=machine_learning (pipeline/ui.py).
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 EXPERIMENT_KIND = "custom_model_development"
 
@@ -84,6 +84,18 @@ def check_tracking(uri: str, timeout_s: float = 10.0) -> None:
                              "launched") from None
 
 
+def artifact_location(tracking_uri: str, experiment: str) -> str | None:
+    """Where a new experiment's artifacts go: ``mlruns/<experiment>`` beside the database of a local sqlite store.
+
+    MLflow's default there is ``./mlruns/<id>`` of whatever the working directory is, so a study run from another
+    folder than its store's scattered artifacts (report figures) into that folder. None for other stores: a
+    tracking server or a file store decides itself.
+    """
+    if not tracking_uri.startswith("sqlite:///"):
+        return None
+    return str(Path(unquote(tracking_uri[len("sqlite:///"):])).resolve().parent / "mlruns" / experiment)
+
+
 def experiment_id(client: MlflowClient, name: str) -> str:
     """The id of experiment ``name``, created if missing, and always tagged as a model-training experiment.
 
@@ -93,7 +105,8 @@ def experiment_id(client: MlflowClient, name: str) -> str:
     experiment = client.get_experiment_by_name(name)
     if experiment is None:
         try:
-            return client.create_experiment(name, tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
+            return client.create_experiment(name, artifact_location=artifact_location(client.tracking_uri, name),
+                                            tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
         except MlflowException as exc:
             # Two drivers starting at once (e.g. `mixer-study train` beside a study): the loser uses the winner's.
             experiment = client.get_experiment_by_name(name)

@@ -23,6 +23,36 @@ CLI = [sys.executable, "-m", "pipeline.cli"]
 REPO = Path(__file__).resolve().parents[1]
 
 
+# Caches Python and the tools write into any checkout: not test output.
+CACHE_PARTS = ("__pycache__", ".pytest_cache", ".ruff_cache", ".egg-info")
+
+
+def checkout_files() -> set[str]:
+    """The git-ignored files of the checkout, every file (not folders: a new run under an existing ``mlruns/``
+    counts), caches and .venv left out.
+
+    Ignored files are what a test run could add unseen (stores, artifact roots, runs/, results/: all in
+    .gitignore); a new untracked file shows in `git status` anyway, and counting those too would blame the tests
+    for a file someone writes in the checkout meanwhile."""
+    out = subprocess.run(["git", "status", "--porcelain", "--ignored", "--untracked-files=all", "--", ".",
+                          ":(exclude).venv"], cwd=REPO, capture_output=True, text=True, check=True).stdout
+    return {line[3:] for line in out.splitlines()
+            if line.startswith("!! ") and not any(part in line for part in CACHE_PARTS)}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def checkout_untouched():
+    """Fails the session (an error at the last test's teardown) if tests added ignored files to the checkout:
+    every store, artifact root, spool and report of a test belongs in its temp dir."""
+    if not (REPO / ".git").exists():  # an sdist or a copy without git: nothing to compare against
+        yield
+        return
+    before = checkout_files()
+    yield
+    added = sorted(checkout_files() - before)
+    assert not added, f"the tests added {len(added)} files to the checkout {REPO}: {added[:20]}"
+
+
 @pytest.fixture(scope="session")
 def digits16(tmp_path_factory) -> Path:
     """Digits upscaled to 16 px as WebDataset shards (train/val/test), 25 samples per shard."""

@@ -52,7 +52,11 @@ CASES: list[tuple[str, dict[str, Any], list[str]]] = [
      ["model.head_bias_init", "-2.3", "softmax"]),
     ("few-shot shots above a class's count", {"fewshot": {"shots": [1, 500]}}, ["fewshot", "500"]),
     ("missing manifest", {"data": {"train": "/nonexistent/digits/train"}},
-     ["/nonexistent/digits/train/manifest.json"]),
+     ["data.train: no manifest at /nonexistent/digits/train/manifest.json"]),
+    ("missing val manifest", {"data": {"val": "/nonexistent/digits/val"}},
+     ["data.val: no manifest at /nonexistent/digits/val/manifest.json"]),
+    ("missing few-shot test manifest", {"fewshot": {"test": "/nonexistent/digits/test"}},
+     ["fewshot.test: no manifest at /nonexistent/digits/test/manifest.json"]),
 ]
 
 
@@ -137,3 +141,19 @@ def test_files_and_environment(tmp_path: Path, digits16: Path, capsys, no_ray, m
     cloud = study_dict("bad", digits16, data={"train": "s3://mixer-study-no-credentials/train"})
     _assert_clear(*_run(tmp_path, cloud, capsys),
                   ["s3://mixer-study-no-credentials/train/manifest.json", "NoCredentialsError", "AWS_ACCESS_KEY_ID"])
+
+
+@pytest.mark.parametrize("verb", ["report", "resume", "sync"])
+def test_study_verbs_take_the_yaml_or_the_name(tmp_path: Path, digits16: Path, capsys, verb: str) -> None:
+    """`report`, `resume` and `sync` read the study's name from its YAML file: the error about a study that never
+    ran names the YAML's study, not the file; a YAML path that does not exist is named as a study file."""
+    path = tmp_path / "a-file-name.yaml"
+    path.write_text(yaml.safe_dump(study_dict("named-in-yaml", digits16), sort_keys=False))
+    store = ["--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"] if verb == "report" else []
+    for study, expected in ((str(path), "named-in-yaml"), ("named-in-yaml", "named-in-yaml"),
+                            (str(tmp_path / "missing.yml"), "missing.yml")):
+        with pytest.raises(SystemExit) as exit_info:
+            cli.main([verb, study, "--storage" if verb != "report" else "--out", str(tmp_path / "out"), *store])
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2, err
+        assert expected in err and "a-file-name" not in err and "Traceback" not in err, err

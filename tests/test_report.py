@@ -14,7 +14,7 @@ from workers.names import ROLE_TAG, STUDY_TAG, TRIAL_TAG
 def _store(tmp_path: Path, finetuned: bool) -> str:
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = MlflowClient(uri)
-    exp = client.create_experiment("s")
+    exp = client.create_experiment("s", artifact_location=str(tmp_path / "mlruns"))  # not ./mlruns of the cwd
     client.create_run(exp, tags={STUDY_TAG: "s", ROLE_TAG: "study"})
     for variant, permute, acc in (("Micro-4", "none", 0.8), ("BiT-Micro", "none", 0.7), ("Micro-4", "pixels", 0.3)):
         trial = f"variant={variant},permute={permute}"
