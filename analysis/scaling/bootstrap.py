@@ -19,6 +19,27 @@ from analysis.scaling.forms import CHINCHILLA, compute_optimal
 LEVEL = 0.95
 
 
+def percentile_intervals(draws: dict[str, np.ndarray], point: dict[str, float], units: int, n_params: int,
+                         level: float = LEVEL) -> dict[str, tuple[float, float]]:
+    """Percentile intervals, each side's distance from the point estimate stretched by sqrt(units/(units - P)).
+
+    The stretch is the degrees-of-freedom correction of the sandwich variance (HC1): a bootstrap of ``units``
+    independent units (runs, or groups) spreads like the residuals, which a P-parameter fit has pulled in.
+
+    Args:
+        draws: {name: (B,)} bootstrap draws; point: {name: value} the full-data estimates.
+        units: independent units resampled (runs, or groups); n_params: P.
+        level: interval level.
+    """
+    stretch = np.sqrt(units / max(units - n_params, 1))
+    tail = 100 * (1 - level) / 2
+    out = {}
+    for name, v in draws.items():
+        lo, hi = np.nanpercentile(v, [tail, 100 - tail], axis=-1)
+        out[name] = (point[name] - stretch * (point[name] - lo), point[name] + stretch * (hi - point[name]))
+    return out
+
+
 def resample_counts(n: int, draws: int, rng: np.random.Generator, groups: np.ndarray | None = None) -> np.ndarray:
     """Bootstrap resamples as counts: (draws, n), row b = how often each run is in resample b.
 
@@ -67,6 +88,7 @@ class Bootstrap:
         grad_norm_max: the largest final gradient norm over the draws.
         refitted_from_grid: draws that needed the whole grid of starts.
         not_converged: draws whose gradient norm stayed above GRAD_TOL (they are kept, and counted here).
+        units: the independent units resampled (runs, or groups).
     """
 
     fit: Fit
@@ -77,12 +99,12 @@ class Bootstrap:
     grad_norm_max: float
     refitted_from_grid: int
     not_converged: int
+    units: int
 
     def intervals(self, level: float = LEVEL) -> dict[str, tuple[float, float]]:
-        """Percentile intervals of every parameter and derived quantity."""
-        tail = 100 * (1 - level) / 2
-        return {name: (float(np.nanpercentile(v, tail)), float(np.nanpercentile(v, 100 - tail)))
-                for name, v in self.draws.items()}
+        """Percentile intervals of every parameter and derived quantity (``percentile_intervals``)."""
+        found = percentile_intervals(self.draws, self.point, self.units, len(self.fit.theta), level)
+        return {name: (float(lo), float(hi)) for name, (lo, hi) in found.items()}
 
 
 def bootstrap_fit(fit: Fit, draws: int = 200, seed: int = 0, groups: np.ndarray | None = None,
@@ -119,7 +141,8 @@ def bootstrap_fit(fit: Fit, draws: int = 200, seed: int = 0, groups: np.ndarray 
     return Bootstrap(fit=fit, theta=theta, draws={k: np.asarray(v, dtype=float) for k, v in all_draws.items()},
                      point=point, target_compute=target, grad_norm_max=float(gnorm.max()),
                      refitted_from_grid=len(redo) if warm_start else draws,
-                     not_converged=int((gnorm > GRAD_TOL).sum()))
+                     not_converged=int((gnorm > GRAD_TOL).sum()),
+                     units=len(fit.y) if groups is None else len(np.unique(np.asarray(groups))))
 
 
 def compare(first: Bootstrap, second: Bootstrap, names: tuple[str, ...] | None = None,

@@ -98,7 +98,7 @@ def objective(form: Form, theta: np.ndarray, z: np.ndarray, log_y: np.ndarray, w
     Args:
         form: the law.
         theta: (S, P) internal parameters.
-        z: (n, k) centred log inputs; log_y: (n,) log observations.
+        z: (n, k) centred log inputs; log_y: (n,) log observations, or (S, n) one set per parameter vector.
         weights: (n,) shared or (S, n) per parameter vector (bootstrap counts): the weight of each run.
         delta: Huber threshold.
 
@@ -127,7 +127,8 @@ def refine_batch(form: Form, theta: np.ndarray, z: np.ndarray, log_y: np.ndarray
     Args:
         form: the law.
         theta: (S, P) starting points (e.g. the full-data optimum for every bootstrap draw).
-        z, log_y: the data (as ``objective``).
+        z: (n, k) centred log inputs shared by all problems.
+        log_y: (n,) shared or (S, n) per problem (e.g. simulated datasets on one design).
         weights: (S, n) or (n,) run weights.
         delta: Huber threshold.
         max_iter: steps at most.
@@ -137,6 +138,7 @@ def refine_batch(form: Form, theta: np.ndarray, z: np.ndarray, log_y: np.ndarray
     """
     theta = np.array(theta, dtype=float)
     weights = np.broadcast_to(weights, (len(theta), z.shape[0]))
+    log_y = np.broadcast_to(log_y, weights.shape)
     f, g = objective(form, theta, z, log_y, weights, delta)
     damping = np.full(len(theta), 1e-3)
     stopped = np.zeros(len(theta), dtype=bool)  # no descent left: damping exploded or the decrease stalled
@@ -153,13 +155,13 @@ def _lm_step(form: Form, idx: np.ndarray, theta: np.ndarray, f: np.ndarray, g: n
              stopped: np.ndarray, z: np.ndarray, log_y: np.ndarray, weights: np.ndarray, delta: float) -> None:
     """One damped Gauss-Newton step of problems ``idx``, updating theta, f, g, damping and stopped in place."""
     log_pred, jac = form.log_predict(theta[idx], z)
-    r = log_y - log_pred
+    r = log_y[idx] - log_pred
     irls = weights[idx] * np.minimum(1.0, delta / np.maximum(np.abs(r), 1e-300))
     hess = np.einsum("snp,sn,snq->spq", jac, irls, jac)
     eye = np.eye(theta.shape[1])
     lhs = hess + damping[idx, None, None] * (np.einsum("spp->sp", hess)[:, :, None] * eye + 1e-12 * eye)
     step = np.linalg.solve(lhs, -g[idx][:, :, None])[:, :, 0]
-    f_new, g_new = objective(form, theta[idx] + step, z, log_y, weights[idx], delta)
+    f_new, g_new = objective(form, theta[idx] + step, z, log_y[idx], weights[idx], delta)
     better = np.isfinite(f_new) & (f_new <= f[idx])
     took = idx[better]
     # A kept step that lowers f by no more than rounding ends that problem's descent.
