@@ -26,15 +26,19 @@ METRICS = {
     names.COMPUTE_CPU_SECONDS: "cpu_seconds",
     names.COMPUTE_WALL_SECONDS: "wall_seconds",
     names.COMPUTE_TRAIN_SECONDS: "train_seconds",
+    names.COMPUTE_IMAGES_SEEN: "images_seen",
+    names.COMPUTE_EPOCHS: "epochs",
+    names.PERF_IMG_PER_S_PER_CORE: "img_per_s_per_core",
+    names.PERF_TRAIN_IMG_PER_S_PER_CORE: "train_img_per_s_per_core",
+}
+# A trial's wall-clock marks (unix seconds; analysis.timeline) -> results column. Tags since the summaries moved to
+# step 0 (workers.names.is_timestamp); stores written before that hold them as metrics, which are read instead.
+TIMESTAMPS = {
     names.TIME_TRIAL_START_UNIX: "trial_start_unix",
     names.TIME_WORKER_START_UNIX: "worker_start_unix",
     names.TIME_FIRST_STEP_UNIX: "first_step_unix",
     names.TIME_TRAIN_END_UNIX: "train_end_unix",
     names.TIME_TRIAL_END_UNIX: "trial_end_unix",
-    names.COMPUTE_IMAGES_SEEN: "images_seen",
-    names.COMPUTE_EPOCHS: "epochs",
-    names.PERF_IMG_PER_S_PER_CORE: "img_per_s_per_core",
-    names.PERF_TRAIN_IMG_PER_S_PER_CORE: "train_img_per_s_per_core",
 }
 # MLflow param -> (results column, type).
 PARAMS = {
@@ -104,6 +108,8 @@ def _row(study: str, run) -> dict:
         row[column] = kind(params[param]) if param in params else np.nan
     for metric, column in METRICS.items():
         row[column] = metrics.get(metric, np.nan)
+    for mark, column in TIMESTAMPS.items():
+        row[column] = float(tags[mark]) if mark in tags else metrics.get(mark, np.nan)
     for tag, column in TAGS.items():
         row[column] = tags.get(tag, np.nan)
     for key, value in metrics.items():

@@ -3,7 +3,8 @@
 Each trial logs (``pipeline.trial`` / ``workers.training.trainer``): ``time/trial_start_unix`` (its driver process
 started), ``time/worker_start_unix`` (rank 0's process started: the trial got its cores), ``time/first_step_unix`` and
 ``time/train_end_unix`` (the step loop of its last segment), and ``time/trial_end_unix`` (few-shot, fine-tuning and
-bookkeeping done), plus ``compute/train_seconds`` (time inside training steps).
+bookkeeping done), plus ``compute/train_seconds`` (time inside training steps). The marks are run tags (metrics in
+stores written before they moved; ``analysis.results`` reads either).
 
 - queued = worker start - trial start: the trial's driver waits for cores that other trials hold. A study runs one
   trial more than fit (``pipeline.tune.default_concurrency``) so that this wait overlaps their training; it costs

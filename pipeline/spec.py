@@ -67,6 +67,10 @@ class TrackingSpec(BaseModel):
     uri: str | None = Field(None, description="MLflow tracking URI; default $MLFLOW_TRACKING_URI or ./mlflow.db")
     experiment: str | None = Field(None, description="MLflow experiment; default the study name")
     system_metrics: bool = Field(True, description="log MLflow system metrics (CPU, memory, GPU) for each trial")
+    system_metrics_interval: float = Field(
+        1.0, gt=0, description="seconds between two system-metrics samples: a few points even for a 10 s trial"
+        " (each costs the store one write); $MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL overrides it"
+    )
 
 
 class StudySpec(BaseModel):

@@ -2,6 +2,7 @@
 
 Runs are looked up by tags (``mixer.study``, ``mixer.trial``) rather than remembered in local state, so a resumed
 study, a retried trial or a driver on another machine all land in the same runs: never a duplicate per grid point.
+A run's displayed name (``Micro-4 f=0.03``, :func:`run_label`) is for people only and identifies nothing.
 """
 
 from __future__ import annotations
@@ -19,13 +20,32 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlsplit, urlunsplit
 
-from mlflow.entities import Dataset, DatasetInput, InputTag, Param, Run
+from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, Run, RunStatus, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
-from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT, MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
+from mlflow.utils.mlflow_tags import (
+    MLFLOW_DATASET_CONTEXT,
+    MLFLOW_GIT_COMMIT,
+    MLFLOW_PARENT_RUN_ID,
+    MLFLOW_RUN_NAME,
+    MLFLOW_RUN_NOTE,
+    MLFLOW_SOURCE_NAME,
+    MLFLOW_SOURCE_TYPE,
+)
 
 from pipeline.spec import StudyError
-from workers.names import GIT_COMMIT_TAG, ROLE_STUDY, ROLE_TAG, ROLE_TRIAL, STUDY_TAG, TRIAL_TAG
+from workers.names import (
+    GIT_COMMIT_TAG,
+    HEADLINE_METRICS,
+    ROLE_STUDY,
+    ROLE_TAG,
+    ROLE_TRIAL,
+    STUDY_TAG,
+    STUDY_TRIALS_DONE,
+    STUDY_TRIALS_FAILED,
+    TRIAL_TAG,
+    best_trial_tag,
+)
 from workers.training.mlflow_logger import fail_fast_http, tag_filter
 
 log = logging.getLogger(__name__)
@@ -131,33 +151,154 @@ def git_commit() -> str:
         return "unknown"
 
 
-def study_run(client: MlflowClient, exp_id: str, study: str, params: dict[str, Any]) -> str:
-    """The study's parent run id: found by tag, else created with ``params`` (spec summary) logged."""
-    run = _find_run(client, exp_id, {STUDY_TAG: study, ROLE_TAG: ROLE_STUDY})
+# The Source column of MLflow's runs table: what made the run (it shows "-" without these tags).
+SOURCE_NAME, SOURCE_TYPE = "mixer-study", "LOCAL"
+_SHORT_KEYS = {"data.fraction": "f"}  # the grid key of every data-scale study, shortest in the runs table
+# workers.training.checkpoint.MODEL_FILE (not imported: that module loads torch, which this one's users need not):
+# what rebuilds a checkpoint's model, a few hundred bytes.
+MODEL_CARD = "model.json"
+
+
+def find_study_run(client: MlflowClient, exp_id: str, study: str) -> Run | None:
+    """The parent run of ``study`` in experiment ``exp_id``, as it is (None if the study never started)."""
+    return _find_run(client, exp_id, {STUDY_TAG: study, ROLE_TAG: ROLE_STUDY})
+
+
+def study_run(client: MlflowClient, exp_id: str, study: str, params: dict[str, Any], description: str = "") -> str:
+    """The study's parent run id: found by tag, else created with ``params`` (spec summary) logged.
+
+    Args:
+        client: the tracking store's client.
+        exp_id: the study's experiment.
+        study: the study's name (also the parent run's name).
+        params: the spec summary logged to a new parent run (params never change afterwards).
+        description: the study's description: the run's MLflow description (``mlflow.note.content``, markdown).
+    """
+    run = find_study_run(client, exp_id, study)
     if run:
         client.update_run(run.info.run_id, status="RUNNING")
-        return run.info.run_id
-    run = client.create_run(exp_id, run_name=study, tags={STUDY_TAG: study, ROLE_TAG: ROLE_STUDY,
-                                                          GIT_COMMIT_TAG: git_commit()})
-    log_params(client, run.info.run_id, params)
-    return run.info.run_id
+        run_id = run.info.run_id
+    else:
+        commit = git_commit()
+        run_id = client.create_run(exp_id, run_name=study, tags={
+            STUDY_TAG: study, ROLE_TAG: ROLE_STUDY, GIT_COMMIT_TAG: commit, MLFLOW_GIT_COMMIT: commit,
+            MLFLOW_SOURCE_NAME: SOURCE_NAME, MLFLOW_SOURCE_TYPE: SOURCE_TYPE}).info.run_id
+        log_params(client, run_id, params)
+    if description:
+        client.set_tag(run_id, MLFLOW_RUN_NOTE, description)
+    return run_id
+
+
+def run_label(name: str, point: dict[str, Any]) -> str:
+    """The name MLflow shows for a trial's run: its grid values, short (``Micro-4 f=0.03``), else ``name``.
+
+    The model variant shows bare, ``data.fraction`` as ``f``, any other key by its last part (its full dotted key
+    where two share a last part) and ``=``. Values keep their full precision (``repr`` of a float), so distinct grid
+    points of a study always get distinct labels; the point itself is in the run's params and its
+    ``mixer.grid_point`` tag, and ``name`` (``mixer.trial``) is what finds the run again.
+
+    Args:
+        name: the trial's name (pipeline.spec.trial_name, or ``--name`` of a one-off run).
+        point: the trial's grid coordinates ({} for a study without a grid or a one-off run).
+    """
+    if not point:
+        return name
+    short = [key.rsplit(".", 1)[-1] for key in point]
+    keys = short if len(set(short)) == len(short) else list(point)
+    parts = []
+    for full_key, key, value in zip(point, keys, point.values()):
+        shown = repr(value) if isinstance(value, float) else str(value)
+        parts.append(shown if full_key == "model.variant" else f"{_SHORT_KEYS.get(full_key, key)}={shown}")
+    return " ".join(parts)
 
 
 def trial_run(client: MlflowClient, exp_id: str, study: str, parent_run_id: str | None, trial: str,
-              params: dict[str, Any], role: str = ROLE_TRIAL) -> str:
-    """The trial's run id: the existing run of this (study, name, role) (status set back to RUNNING), else a new
-    one. ``role`` is "trial" for a study's grid point (what analysis.results reads) or "train" for a one-off run."""
+              params: dict[str, Any], role: str = ROLE_TRIAL, run_name: str | None = None) -> str:
+    """The trial's run id: the existing run of this (study, name, role) (status set back to RUNNING, its shown name
+    set to ``run_name``), else a new one. ``role`` is "trial" for a study's grid point (what analysis.results reads)
+    or "train" for a one-off run; ``run_name`` defaults to ``trial``."""
     tags = {STUDY_TAG: study, TRIAL_TAG: trial, ROLE_TAG: role}
+    run_name = run_name or trial
     run = _find_run(client, exp_id, tags)
     if run:
-        client.update_run(run.info.run_id, status="RUNNING")
+        client.update_run(run.info.run_id, status="RUNNING", name=run_name)
         return run.info.run_id
     if parent_run_id:
         tags[MLFLOW_PARENT_RUN_ID] = parent_run_id
-    tags[MLFLOW_RUN_NAME] = trial
-    run = client.create_run(exp_id, run_name=trial, tags=tags)
+    tags.update({MLFLOW_RUN_NAME: run_name, MLFLOW_SOURCE_NAME: SOURCE_NAME, MLFLOW_SOURCE_TYPE: SOURCE_TYPE})
+    run = client.create_run(exp_id, run_name=run_name, tags=tags)
     log_params(client, run.info.run_id, params)
     return run.info.run_id
+
+
+def log_study_summary(client: MlflowClient, parent_run_id: str) -> dict[str, tuple[str, float]]:
+    """Log the study's outcome to its parent run; returns {headline metric: (its best trial's run name, value)}.
+
+    ``study/trials_done`` and ``study/trials_failed`` (its trial runs FINISHED and FAILED); for each headline
+    metric (``best/val_acc``, ``fewshot/5shot``, ``finetune/top1``) that a finished trial logged, the best value
+    under the metric's own name (the parent's row in the runs table then shows the study's best in the trials'
+    columns) and the best trial's run name in the tag ``mixer.best_trial.<metric>``. All at step 0 (bar charts),
+    each only when it changed, so running or resuming a finished study again adds no point.
+
+    Args:
+        client: the tracking store's client.
+        parent_run_id: the study's parent run.
+    """
+    parent = client.get_run(parent_run_id)
+    trials = client.search_runs([parent.info.experiment_id], tag_filter(
+        {STUDY_TAG: parent.data.tags[STUDY_TAG], ROLE_TAG: ROLE_TRIAL}), max_results=10_000)
+    finished = [r for r in trials if r.info.status == RunStatus.to_string(RunStatus.FINISHED)]
+    failed = sum(r.info.status == RunStatus.to_string(RunStatus.FAILED) for r in trials)
+    values: dict[str, float] = {STUDY_TRIALS_DONE: len(finished), STUDY_TRIALS_FAILED: failed}
+    tags: dict[str, str] = {}
+    best: dict[str, tuple[str, float]] = {}
+    for metric in HEADLINE_METRICS:
+        having = [r for r in finished if metric in r.data.metrics]
+        if having:
+            run = max(having, key=lambda r: r.data.metrics[metric])
+            best[metric] = (run.info.run_name, run.data.metrics[metric])
+            values[metric] = run.data.metrics[metric]
+            tags[best_trial_tag(metric)] = run.info.run_name
+    held = parent.data
+    now = int(time.time() * 1000)
+    metrics = [Metric(k, float(v), now, 0) for k, v in values.items() if held.metrics.get(k) != float(v)]
+    changed = [RunTag(k, v) for k, v in tags.items() if held.tags.get(k) != v]
+    if metrics or changed:
+        client.log_batch(parent_run_id, metrics=metrics, tags=changed)
+    return best
+
+
+def checkpoint_note(checkpoint: str, step: int, val_acc: float, point: dict[str, Any]) -> str:
+    """A trial run's MLflow description (markdown): its grid point and where its best checkpoint is.
+
+    Values are rounded as the project shows them; the exact ones are the run's metrics.
+
+    Args:
+        checkpoint: the best checkpoint's URL (:func:`checkpoint_uri`).
+        step: its step.
+        val_acc: its upstream val/acc.
+        point: the trial's grid coordinates.
+    """
+    grid = ", ".join(f"`{key}` = {value}" for key, value in point.items()) or "the study's base recipe"
+    return (f"Grid point: {grid}.\n\nBest checkpoint: step {step}, val/acc {val_acc:.4f}, at `{checkpoint}` "
+            "(its `model.json` is this run's artifact `checkpoint/model.json`; `mixer-study fewshot --checkpoint` "
+            "and `analysis.report` load the folder).")
+
+
+def log_model_card(client: MlflowClient, run_id: str, checkpoint) -> bool:
+    """Copy the small ``model.json`` of a ``ray.train.Checkpoint`` (variant, image size, classes) into run
+    ``run_id``'s artifacts as ``checkpoint/model.json``, so the run page shows what the checkpoint holds; the
+    weights stay in the storage. Returns False (with a warning) where the file or the artifact store is not
+    reachable: a trial never fails for it."""
+    try:
+        with checkpoint.filesystem.open_input_stream(f"{checkpoint.path}/{MODEL_CARD}") as stream:
+            text = stream.read().decode()
+        client.log_text(run_id, text, f"checkpoint/{MODEL_CARD}")
+    except (OSError, MlflowException) as error:
+        log.warning("run %s: %s of checkpoint %s not logged: %s", run_id, MODEL_CARD, checkpoint.path, error)
+        return False
+    return True
+
 
 
 def checkpoint_uri(checkpoint) -> str:
@@ -177,8 +318,10 @@ class DataSplit:
     """One data split a trial uses, as plain values (no dependency on ``workers.data.manifest``).
 
     ``context`` is the split's role in the trial ("train", "val", "fewshot-train", "fewshot-test"); ``url`` the
-    manifest's URL; ``shard_sha256`` the manifest's shard checksums in shard order; ``num_samples`` the samples the
-    trial actually uses (the subset's size for a fraction < 1). ``name`` overrides the dataset name shown in MLflow.
+    manifest's URL; ``shard_sha256`` the manifest's shard checksums in shard order; ``fraction`` the share of the
+    split the trial actually uses (``num_samples`` / the split's size), ``grid_fraction`` the one the study asked for
+    (``data.fraction``), which names the dataset when given (``train@0.3``, where ``fraction`` may be 0.299682).
+    ``name`` overrides the dataset name shown in MLflow.
     """
 
     context: str
@@ -188,6 +331,7 @@ class DataSplit:
     num_samples: int
     num_classes: int
     name: str | None = None
+    grid_fraction: float | None = None
 
 
 def redact_url(url: str) -> str:
@@ -223,7 +367,8 @@ def _dataset_name(split: DataSplit) -> str:
     if parts and parts[-1].endswith(".json"):
         parts = parts[:-1]
     base = "/".join(parts[-2:]) or split.context
-    return base if float(split.fraction) >= 1.0 else f"{base}@{float(split.fraction):g}"
+    fraction = float(split.fraction if split.grid_fraction is None else split.grid_fraction)
+    return base if fraction >= 1.0 else f"{base}@{fraction:g}"
 
 
 def _source_type(url: str) -> str:
@@ -262,6 +407,8 @@ def log_dataset_inputs(client: MlflowClient, run_id: str, splits: Sequence[DataS
         url = redact_url(split.url)
         profile = {"num_samples": int(split.num_samples), "fraction": float(split.fraction),
                    "num_classes": int(split.num_classes)}
+        if split.grid_fraction is not None:
+            profile["grid_fraction"] = float(split.grid_fraction)
         dataset = Dataset(name=name, digest=digest, source_type=_source_type(url), source=json.dumps({"uri": url}),
                           profile=json.dumps(profile))
         new.append(DatasetInput(dataset, tags=[InputTag(MLFLOW_DATASET_CONTEXT, split.context)]))

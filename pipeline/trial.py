@@ -29,12 +29,22 @@ import psutil
 import ray
 import ray.train
 from mlflow.entities import RunStatus, RunTag
+from mlflow.utils.mlflow_tags import MLFLOW_RUN_NOTE
 from ray.train.torch import TorchTrainer
 
 from pipeline.finetune_sweep import run_finetune
 from pipeline.ray_policy import train_run_config, worker_scaling
 from pipeline.spec import StudyError, StudySpec
-from pipeline.tracking import DataSplit, checkpoint_uri, experiment_id, log_dataset_inputs, trial_run
+from pipeline.tracking import (
+    DataSplit,
+    checkpoint_note,
+    checkpoint_uri,
+    experiment_id,
+    log_dataset_inputs,
+    log_model_card,
+    run_label,
+    trial_run,
+)
 from pipeline.trial_worker import trial_loop_per_worker
 from workers.config import TrialConfig, flat_defaults, flatten
 from workers.data.fractions import subset_size
@@ -85,6 +95,7 @@ class TrialJob:
     cpus_per_worker: int = 1
     gpus_per_worker: int = 0
     system_metrics: bool = True
+    system_metrics_interval: float = 1.0  # seconds between samples (tracking.system_metrics_interval)
     parent_run_id: str | None = None
     point: dict[str, Any] = field(default_factory=dict)
     planned: dict[str, str] = field(default_factory=dict)  # the ledger's prediction as tags (pipeline.plan.plan_tags)
@@ -100,7 +111,8 @@ def make_job(spec: StudySpec, name: str, config: TrialConfig, point: dict[str, A
         name=name, study=spec.name, role=role, trial=config.model_dump(mode="json"), tracking_uri=tracking_uri,
         experiment=spec.experiment, storage="/".join([storage.rstrip("/"), spec.name, "train"]),
         workers=r.workers_per_trial, cpus_per_worker=r.cpus_per_worker, gpus_per_worker=r.gpus_per_worker,
-        system_metrics=spec.tracking.system_metrics, parent_run_id=parent_run_id, point=point, planned=planned or {},
+        system_metrics=spec.tracking.system_metrics, system_metrics_interval=spec.tracking.system_metrics_interval,
+        parent_run_id=parent_run_id, point=point, planned=planned or {},
     ))
 
 
@@ -129,12 +141,14 @@ def trial_params(trial: TrialConfig, job: TrialJob, manifest: Manifest) -> dict[
 
 def _dataset_inputs(trial: TrialConfig, train: Manifest) -> list[DataSplit]:
     """One MLflow dataset input per split the trial reads: what the runs table's Dataset column shows."""
-    def split(context: str, manifest: Manifest, num_samples: int | None) -> DataSplit:
+    def split(context: str, manifest: Manifest, num_samples: int | None, grid_fraction: float | None = None
+              ) -> DataSplit:
         count = manifest.num_samples if num_samples is None else min(num_samples, manifest.num_samples)
         return DataSplit(context, manifest.url, [s.sha256 for s in manifest.shards], count / manifest.num_samples,
-                         count, manifest.num_classes)
+                         count, manifest.num_classes, grid_fraction=grid_fraction)
 
-    splits = [split("train", train, subset_size(train, trial.data.fraction)),
+    # The training subset is named by the fraction asked for (train@0.3), not the one its classes round to.
+    splits = [split("train", train, subset_size(train, trial.data.fraction), trial.data.fraction),
               split("val", load_manifest(trial.data.val), None)]
     if trial.fewshot.enabled:
         splits += [split("fewshot-train", load_manifest(trial.fewshot.train), trial.fewshot.train_samples),
@@ -186,7 +200,7 @@ def run_trial(job_dict: dict[str, Any], in_tune: bool = False) -> dict[str, floa
     spool = spool_url(job.storage, job.name)
     run_id, manifest = _open_run(client, job, trial, spool)
     worker_mlflow = {"tracking_uri": job.tracking_uri, "run_id": run_id, "system_metrics": job.system_metrics,
-                     "spool": spool}
+                     "sampling_interval": job.system_metrics_interval, "spool": spool}
     run_log: RunLogger | None = None
     ok = False
     try:
@@ -221,7 +235,7 @@ def _open_run(client: mlflow.tracking.MlflowClient, job: TrialJob, trial: TrialC
     exp_id = experiment_id(client, job.experiment)
     manifest = load_manifest(trial.data.train)
     run_id = trial_run(client, exp_id, job.study, job.parent_run_id, job.name, trial_params(trial, job, manifest),
-                       role=job.role)
+                       role=job.role, run_name=run_label(job.name, job.point))
     tags = client.get_run(run_id).data.tags
     attempts = int(tags.get(ATTEMPTS_TAG, "0")) + 1
     client.set_tag(run_id, ATTEMPTS_TAG, str(attempts))
@@ -276,9 +290,14 @@ def _best_and_logged(client: mlflow.tracking.MlflowClient, job: TrialJob, trial:
         spool: where the run's records wait while the store is down.
     """
     checkpoint, best_metrics = best_checkpoint(result)
-    run_log.set_tag(BEST_CHECKPOINT_TAG, checkpoint_uri(checkpoint))
+    location = checkpoint_uri(checkpoint)
+    run_log.set_tag(BEST_CHECKPOINT_TAG, location)
     run_log.set_tag(TRAIN_RUN_TAG, result.path)
+    run_log.set_tag(MLFLOW_RUN_NOTE, checkpoint_note(location, int(best_metrics[STEP]), best_metrics[VAL_ACC],
+                                                     job.point))
     logged = None if run_log.spooling else _run_metrics(client, run_id)
+    if logged is not None:
+        log_model_card(client, run_id, checkpoint)
     if logged is None:
         log.warning("trial %s: MLflow does not answer; its records wait in %s for `mixer-study sync`", job.name, spool)
         return checkpoint, dict(result.metrics or {})

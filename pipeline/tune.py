@@ -30,7 +30,15 @@ from pipeline.lock import StudyLock
 from pipeline.plan import Calibration, TrialPlan, calibrate, plan_costs, plan_study, plan_tags
 from pipeline.progress import StudyProgress
 from pipeline.spec import StudyError, StudySpec, parse_study
-from pipeline.tracking import connect_tracking, experiment_id, redact_url, resolve_tracking_uri, study_run
+from pipeline.tracking import (
+    connect_tracking,
+    experiment_id,
+    find_study_run,
+    log_study_summary,
+    redact_url,
+    resolve_tracking_uri,
+    study_run,
+)
 from pipeline.trial import SPOOL, make_job, run_trial
 from workers.names import BEST_VAL_ACC, FEWSHOT_5SHOT
 from workers.training.mlflow_logger import fail_fast_http, replay_spool, spool_files, write_spool
@@ -181,7 +189,8 @@ def _start_or_continue(spec: StudySpec, plans: list[TrialPlan], *, address: str 
     client = mlflow.tracking.MlflowClient(tracking_uri)
     exp_id = experiment_id(client, spec.experiment)
     parent = study_run(client, exp_id, spec.name, {"grid_size": len(plans), "grid_keys": ",".join(spec.grid),
-                                                   "storage": redact_url(study_dir), "description": spec.description})
+                                                   "storage": redact_url(study_dir), "description": spec.description},
+                       description=spec.description)
     client.log_text(parent, spec_yaml, "study.yaml")
 
     init_ray(address)
@@ -240,7 +249,7 @@ def _resume_locked(spec: StudySpec, tune_dir: str, tracking_uri: str, *, address
                    write: Callable[[str], None]) -> list[dict[str, Any]]:
     name, study_dir = spec.name, tune_dir.rsplit("/", 1)[0]
     client = mlflow.tracking.MlflowClient(tracking_uri)
-    parent = study_run(client, experiment_id(client, spec.experiment), spec.name, {})
+    parent = study_run(client, experiment_id(client, spec.experiment), spec.name, {}, description=spec.description)
     init_ray(address)
     write(f"resuming study {name} from {tune_dir}; Ray logs: {ray_logs_dir()}")
     tuner = tune.Tuner.restore(tune_dir, trainable=_trainable(), resume_unfinished=True, resume_errored=True)
@@ -264,6 +273,7 @@ def _finish(results: tune.ResultGrid, client, parent_run_id: str, study_dir: str
     write_spool(_join(study_dir, SPOOL), parent_run_id, [], {}, status)
     try:
         sent = sync_spools(client, study_dir)
+        best = log_study_summary(client, parent_run_id)
     except Exception as exc:  # noqa: BLE001 - the store is down: everything waits in the spools
         write(f"MLflow does not answer ({type(exc).__name__}): the study's results wait in {redact_url(study_dir)} "
               f"(mlflow-spool folders); once it is back, run `mixer-study sync {Path(study_dir).name} --storage "
@@ -271,9 +281,16 @@ def _finish(results: tune.ResultGrid, client, parent_run_id: str, study_dir: str
     else:
         if sent:
             write(f"sent {sent} metric points that waited in the spools while MLflow was down")
+        _write_best(best, write)
     failures = f"; failed: {', '.join(failed)}" if failed else ""
     write(f"{len(rows) - len(failed)}/{len(rows)} trials finished{failures}")
     return rows
+
+
+def _write_best(best: dict[str, tuple[str, float]], write: Callable[[str], None]) -> None:
+    """One line naming the best trial of each headline metric, rounded as the progress lines round."""
+    if best:
+        write("best: " + "; ".join(f"{metric} {value:.3f} ({trial})" for metric, (trial, value) in best.items()))
 
 
 def spool_folders(study_dir: str) -> list[str]:
@@ -297,9 +314,15 @@ def sync_study(name: str, *, storage: str | None = None, write: Callable[[str], 
     spec = load_stored_spec(name, storage)
     study_dir = _join(resolve_storage(storage), name)
     tracking_uri = connect_tracking(spec.tracking.uri)
+    client = mlflow.tracking.MlflowClient(tracking_uri)
     with StudyLock(study_dir):
         records = sum(len(spool_files(folder)) for folder in spool_folders(study_dir))
-        sent = sync_spools(mlflow.tracking.MlflowClient(tracking_uri), study_dir)
+        sent = sync_spools(client, study_dir)
+        # A study that ended while the store was down spooled its end too: its summary is written now.
+        parent = find_study_run(client, experiment_id(client, spec.experiment), spec.name)
+        ended = parent is not None and parent.info.status != RunStatus.to_string(RunStatus.RUNNING)
+        best = log_study_summary(client, parent.info.run_id) if ended else {}
     write(f"study {name}: {sent} metric points sent to {tracking_uri} from {records} spooled record(s)"
           if records else f"study {name}: nothing spooled, MLflow {tracking_uri} has everything")
+    _write_best(best, write)
     return sent

@@ -95,6 +95,21 @@ def test_one_finished_run_per_grid_point(study: dict) -> None:
     (parent,) = client.search_runs([exp.experiment_id], "tags.`mixer.role` = 'study'")
     assert parent.info.status == "FINISHED" and parent.data.params["grid_size"] == "4"
     assert {r.data.tags["mlflow.parentRunId"] for r in trials} == {parent.info.run_id}
+    # What MLflow shows (tests/test_mlflow_view.py): short run names, summaries at step 0 (bar charts), curves at
+    # their steps, the parent's summary naming the best trial, each trial's model card beside its checkpoint path.
+    assert sorted(r.info.run_name for r in trials) == ["Nano-4 f=0.1", "Nano-4 f=1.0", "ViT-Nano/4 f=0.1",
+                                                      "ViT-Nano/4 f=1.0"]
+    assert parent.data.metrics["study/trials_done"] == 4 and parent.data.metrics["study/trials_failed"] == 0
+    best = max(trials, key=lambda r: r.data.metrics["fewshot/5shot"])
+    assert parent.data.metrics["fewshot/5shot"] == best.data.metrics["fewshot/5shot"]
+    assert parent.data.tags["mixer.best_trial.fewshot/5shot"] == best.info.run_name
+    run_id = trials[0].info.run_id
+    for key in ("best/val_acc", "fewshot/5shot", "compute/train_flops", "perf/img_per_s_per_core"):
+        assert [m.step for m in client.get_metric_history(run_id, key)] == [0], key
+    assert min(m.step for m in client.get_metric_history(run_id, "val/acc")) >= 1
+    assert {a.path for a in client.list_artifacts(run_id, "checkpoint")} == {"checkpoint/model.json"}
+    assert trials[0].data.tags["checkpoint.best"] in trials[0].data.tags["mlflow.note.content"]
+    assert len(client.get_metric_history(run_id, "system/cpu_utilization_percentage")) >= 2  # 1 s samples
     for run in trials:
         m = run.data.metrics
         for key in ("compute/train_flops", "compute/core_seconds", "compute/cpu_seconds", "compute/epochs",
@@ -105,7 +120,7 @@ def test_one_finished_run_per_grid_point(study: dict) -> None:
     assert epochs["variant=Nano-4,fraction=0.1"] > 5 * epochs["variant=Nano-4,fraction=1.0"]
     # Tune runs a trial after another in a reused driver process (reuse_actors); each trial's logged start is its
     # own, not the process's, so no more trials overlap in time than the study runs at once (1 fits, 1 starts early).
-    spans = [(r.data.metrics["time/trial_start_unix"], r.data.metrics["time/trial_end_unix"]) for r in trials]
+    spans = [(float(r.data.tags["time/trial_start_unix"]), float(r.data.tags["time/trial_end_unix"])) for r in trials]
     assert all(start < end for start, end in spans)
     assert max(sum(s <= t < e for s, e in spans) for t, _ in spans) <= 2, spans
 

@@ -77,6 +77,18 @@ def test_two_worker_trial_learns_and_logs(tmp_path: Path, digits16: Path) -> Non
         steps = [m.step for m in client.get_metric_history(run.info.run_id, key)]
         assert len(steps) == len(set(steps)), (key, steps)
     assert 0 < metrics["perf/mfu"] <= 1.5 and metrics["compute/train_seconds"] < metrics["compute/wall_seconds"]
+    # Summaries at step 0 (MLflow draws bar charts), curves at their steps, wall-clock marks as tags, the model card
+    # beside the checkpoint path, system metrics sampled every second (tests/test_mlflow_view.py).
+    for key in ("best/val_acc", "perf/mfu", "finetune/top1", "finetune/top1_lr0.01", "compute/finetune_flops_lr0.1"):
+        assert [m.step for m in client.get_metric_history(run.info.run_id, key)] == [0], key
+    assert min(m.step for m in client.get_metric_history(run.info.run_id, "finetune/train_loss_lr0.01")) >= 1
+    assert not any(key.startswith("time/") for key in metrics)
+    marks = [float(run.data.tags[f"time/{mark}_unix"]) for mark in ("trial_start", "first_step", "trial_end")]
+    assert marks == sorted(marks)
+    card = json.loads(Path(client.download_artifacts(run.info.run_id, "checkpoint/model.json", str(tmp_path)))
+                      .read_text())
+    assert card["variant"] == "Micro-4" and card["image_size"] == 16
+    assert len(client.get_metric_history(run.info.run_id, "system/cpu_utilization_percentage")) >= 5
 
     # Fine-tuning: one Ray Train run per lr, the best on the held-out finetune.val kept (never chosen by test
     # top-1); the kept run's test top-1 is finetune/top1. Its compute is accounted separately.

@@ -7,10 +7,13 @@ UI, the results CSV, earlier studies' stores): change a value only with a migrat
 
 Metrics are grouped with ``/``: ``train/`` (every ``log_every`` steps), ``val/`` (every ``eval_every``), ``best/``,
 ``compute/`` and ``time/`` (the last report), ``perf/``, ``data/`` (``data.on_error: skip``), ``finetune/``,
-``fewshot/``. Three report keys have no group: ``step`` (Ray only), ``images_seen`` and ``epochs``.
+``fewshot/``, ``study/`` (the parent run). Three report keys have no group: ``step`` (Ray only), ``images_seen`` and
+``epochs``. Summaries go to MLflow at step 0 and ``time/`` marks as tags (:func:`is_summary`, :func:`is_timestamp`).
 """
 
 from __future__ import annotations
+
+import re
 
 # -- report keys without a group ---------------------------------------------------------------------------------
 
@@ -61,7 +64,7 @@ PERF_MFU = "perf/mfu"
 PERF_IMG_PER_S_PER_CORE = "perf/img_per_s_per_core"  # inference (paper Fig. 3 right)
 PERF_BEST_BATCH_SIZE = "perf/best_batch_size"  # the inference batch size that gave it
 
-# -- time/: wall-clock marks of a trial (unix seconds), for analysis.timeline -------------------------------------
+# -- time/: wall-clock marks of a trial (unix seconds), for analysis.timeline; MLflow tags, not metrics ---------
 
 TIME_TRIAL_START_UNIX = "time/trial_start_unix"
 TIME_WORKER_START_UNIX = "time/worker_start_unix"
@@ -122,6 +125,60 @@ def fewshot_std_metric(shots: int) -> str:
 
 
 FEWSHOT_5SHOT = fewshot_metric(5)  # the headline quality of a study
+
+# -- study/: the study's parent run, at the end of `run` / `resume` (pipeline.tune) ------------------------------
+
+STUDY_TRIALS_DONE = "study/trials_done"
+STUDY_TRIALS_FAILED = "study/trials_failed"
+# The parent run also holds the best finished trial's value of each headline metric, under the metric's own name,
+# and that trial's run name in the tag best_trial_tag(metric).
+HEADLINE_METRICS = (BEST_VAL_ACC, FEWSHOT_5SHOT, FINETUNE_TOP1)
+
+
+def best_trial_tag(metric: str) -> str:
+    """``mixer.best_trial.fewshot/5shot``: the parent run's tag naming the trial with the best ``metric``.
+
+    Args:
+        metric: a headline metric name.
+    """
+    return f"mixer.best_trial.{metric}"
+
+
+# -- how MLflow shows a metric (workers.training.mlflow_logger.RunLogger) ------------------------------------------
+# MLflow's chart view draws a metric as a line chart when its latest step is >= 1 in any run, else as a bar chart
+# comparing the runs. A summary (one value per run: a result, its accounting) is therefore logged at step 0, once;
+# a curve at its training step; a timestamp (time/*) as a tag of the same name, since plotting 1.8e9 helps nobody.
+
+COMPUTE_PREFIX = "compute/"
+TIME_PREFIX = "time/"
+SUMMARY_PREFIXES = (BEST_PREFIX, COMPUTE_PREFIX, FEWSHOT_PREFIX)
+SUMMARY_METRICS = frozenset({
+    PERF_TRAIN_IMG_PER_S_PER_CORE, PERF_MFU, PERF_IMG_PER_S_PER_CORE, PERF_BEST_BATCH_SIZE,
+    FINETUNE_TOP1, FINETUNE_TEST_LOSS, FINETUNE_VAL_TOP1, FINETUNE_VAL_LOSS, FINETUNE_IMAGE_SIZE, FINETUNE_BEST_LR,
+})
+# A fine-tuning sweep's runs log into the trial's run with a suffix ``_lr<lr>`` (pipeline.finetune_sweep), and
+# finetune/top1 also appears as ``finetune/top1_<N>px``: both are the unsuffixed metric's kind.
+_SWEEP_SUFFIX = re.compile(r"_lr[0-9.e+-]+$")
+
+
+def is_summary(key: str) -> bool:
+    """Whether metric ``key`` has one value per run (logged at step 0: a bar chart in MLflow), not a curve.
+
+    Args:
+        key: a metric name as logged, suffix included (``finetune/top1_lr0.01``).
+    """
+    base = _SWEEP_SUFFIX.sub("", key)
+    return base.startswith(SUMMARY_PREFIXES) or base in SUMMARY_METRICS or base.startswith(f"{FINETUNE_TOP1}_")
+
+
+def is_timestamp(key: str) -> bool:
+    """Whether report key ``key`` is a wall-clock mark (``time/*_unix``), logged as a tag rather than a metric.
+
+    Args:
+        key: a report key.
+    """
+    return key.startswith(TIME_PREFIX)
+
 
 # -- ledger/: the study's compute ledger, planned vs actual (analysis.ledger; on the study's parent run) -----------
 

@@ -8,8 +8,14 @@ and the failure, some of which the failed group had already logged. :class:`RunL
 past the last step the run already holds for that key: every metric's history has each step at most once, and the
 points the failed group never flushed are written by the resumed one, so none is missing either.
 
+How a value appears in MLflow is decided here, by its name (``workers.names``): a curve (``train/loss``,
+``val/acc``, ...) at its training step; a summary (``best/*``, ``compute/*``, ``fewshot/*``, ``finetune/top1`` ...:
+one value per run) once, at step 0, which MLflow's chart view draws as a bar chart comparing runs; a wall-clock mark
+(``time/*_unix``) as a tag of the same name.
+
 System metrics (CPU, memory, disk, network; GPU where ``nvidia-ml-py`` is installed) are sampled by MLflow's
-``SystemMetricsMonitor`` in the rank-0 worker process, i.e. the host that does the training, not the trial driver.
+``SystemMetricsMonitor`` in the rank-0 worker process: whole-host figures of the node that runs rank 0 (every
+worker on that node is in them; other nodes' workers are not), not the trial driver's.
 """
 
 from __future__ import annotations
@@ -27,7 +33,7 @@ import fsspec
 from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
 
-from workers.names import SYSTEM_PREFIX
+from workers.names import SYSTEM_PREFIX, is_summary, is_timestamp
 
 if TYPE_CHECKING:
     from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
@@ -43,6 +49,11 @@ def tag_filter(tags: dict[str, str]) -> str:
 class RunLogger:
     """Buffers metrics and writes them to one existing MLflow run with ``log_batch`` (one round trip per flush).
 
+    Curves are written at each flush; summaries (:func:`workers.names.is_summary`) at :meth:`close`, at step 0, the
+    last value logged of each (``compute/wall_seconds`` is reported at every evaluation, its final value counts),
+    and only where the run does not already hold that value (a resumed segment that recomputes it adds nothing);
+    timestamps (:func:`workers.names.is_timestamp`) become tags, sent with the next flush.
+
     With ``system_metrics=True`` it also samples system metrics into the run (``system/cpu_utilization_percentage``,
     ``system/system_memory_usage_megabytes``, ...) every ``sampling_interval`` seconds, averaging
     ``samples_before_logging`` samples per logged point, until :meth:`close`. Their step counter continues from the
@@ -57,30 +68,39 @@ class RunLogger:
     System metrics sampled during an outage are lost (MLflow's sampler logs them itself).
     """
 
-    def __init__(self, tracking_uri: str, run_id: str, system_metrics: bool = False, sampling_interval: float = 10.0,
+    def __init__(self, tracking_uri: str, run_id: str, system_metrics: bool = False, sampling_interval: float = 1.0,
                  samples_before_logging: int = 1, spool: str | None = None) -> None:
         if spool:  # the spool is the retry: MLflow's back-off (7 retries, minutes) would stall training per flush
             os.environ.update(_fail_fast_settings(10.0))
         self._client = MlflowClient(tracking_uri)
         self._run_id, self._spool = run_id, spool
         self._pending: list[Metric] = []
+        self._summaries: dict[str, Metric] = {}  # written at close()
         self._tags: dict[str, str] = {}
         self._spooling = bool(spool) and bool(spool_files(spool))  # an earlier segment's leftovers go first
         try:
-            self._last_step = last_logged_steps(self._client, run_id)  # {} for a new run
+            self._last_step, self._logged_values = logged_state(self._client, run_id)  # ({}, {}) for a new run
         except Exception:
             if not spool:
                 raise
-            self._last_step, self._spooling = {}, True  # the replay will drop what the run already has
+            # The replay drops what the run already has, summaries included.
+            self._last_step, self._logged_values, self._spooling = {}, {}, True
         self.skipped = 0  # points not written because the run already had them (a resumed segment)
         self._monitor: SystemMetricsMonitor | None = None
         if system_metrics:
             self._monitor = _start_monitor(tracking_uri, run_id, sampling_interval, samples_before_logging)
 
     def log(self, metrics: dict[str, float], step: int) -> None:
-        """Queue ``metrics`` at ``step``; a key whose history in the run already reaches ``step`` is skipped."""
+        """Queue ``metrics`` at ``step``: curves there (a key whose history in the run already reaches ``step`` is
+        skipped), summaries for step 0 at :meth:`close`, timestamps as tags (class docstring)."""
         timestamp = int(time.time() * 1000)
         for key, value in metrics.items():
+            if is_timestamp(key):
+                self._tags[key] = f"{float(value):.3f}"  # unix seconds to the millisecond
+                continue
+            if is_summary(key):
+                self._summaries[key] = Metric(key, float(value), timestamp, 0)
+                continue
             if step <= self._last_step.get(key, -1):
                 self.skipped += 1
                 continue
@@ -137,8 +157,11 @@ class RunLogger:
         return True
 
     def close(self, status: str | None = None) -> None:
-        """Flush (ending the run with ``status`` if given) and stop the system-metrics sampler. Idempotent."""
+        """Write the summaries, flush (ending the run with ``status`` if given) and stop the system-metrics sampler.
+        Idempotent."""
         monitor, self._monitor = self._monitor, None
+        summaries, self._summaries = self._summaries, {}
+        self._pending += [m for m in summaries.values() if self._logged_values.get(m.key) != m.value]
         try:
             self.flush(status)
         finally:
@@ -173,22 +196,27 @@ def write_spool(spool: str, run_id: str, metrics: list[Metric], tags: dict[str, 
 def replay_spool(client: MlflowClient, spool: str) -> int:
     """Send the spool's records to MLflow in the order written, deleting each once sent; returns the points sent.
 
-    A point is sent only past the last step its run already holds for that key (as :meth:`RunLogger.log` does), so
-    a record that partly arrived before the store failed, or a replay interrupted and run again, duplicates nothing.
-    Raises when the store does not answer; what was not sent stays in the spool.
+    A point is sent only past the last step its run already holds for that key (as :meth:`RunLogger.log` does), and
+    a summary (step 0) only where the run does not hold that value already, so a record that partly arrived before
+    the store failed, or a replay interrupted and run again, duplicates nothing. Raises when the store does not
+    answer; what was not sent stays in the spool.
     """
-    sent, last = 0, {}
+    sent, logged = 0, {}
     fs, _ = fsspec.core.url_to_fs(spool)
     for path in spool_files(spool):
         if path.rsplit("/", 1)[-1].startswith("."):
             continue  # a record being written
         doc = json.loads(fs.cat_file(path))
         run_id = doc["run_id"]
-        if run_id not in last:
-            last[run_id] = last_logged_steps(client, run_id)
-        steps, metrics = last[run_id], []
+        if run_id not in logged:
+            logged[run_id] = logged_state(client, run_id)
+        (steps, values), metrics = logged[run_id], []
         for key, value, timestamp, step in doc["metrics"]:
-            if step > steps.get(key, -1):
+            if step == 0 and is_summary(key):
+                if values.get(key) != value:
+                    values[key] = value
+                    metrics.append(Metric(key, float(value), int(timestamp), 0))
+            elif step > steps.get(key, -1):
                 steps[key] = step
                 metrics.append(Metric(key, float(value), int(timestamp), int(step)))
         for start in range(0, len(metrics), 1000):
@@ -224,11 +252,14 @@ def fail_fast_http(timeout_s: float = 10.0) -> Iterator[None]:
                 os.environ[key] = value
 
 
-def last_logged_steps(client: MlflowClient, run_id: str) -> dict[str, int]:
-    """The last step of each metric already in run ``run_id`` (system metrics excluded: their sampler keeps its
-    own step counter). One history query per key, and only for a run that has metrics, i.e. a resumed one."""
-    keys = [k for k in client.get_run(run_id).data.metrics if not k.startswith(SYSTEM_PREFIX)]
-    return {key: max(m.step for m in client.get_metric_history(run_id, key)) for key in keys}
+def logged_state(client: MlflowClient, run_id: str) -> tuple[dict[str, int], dict[str, float]]:
+    """What run ``run_id`` already holds: (the last step of each curve, the latest value of each summary). System
+    metrics are left out (their sampler keeps its own step counter). One history query per curve, and only for a
+    run that has metrics, i.e. a resumed one."""
+    latest = client.get_run(run_id).data.metrics
+    curves = [k for k in latest if not k.startswith(SYSTEM_PREFIX) and not is_summary(k)]
+    steps = {key: max(m.step for m in client.get_metric_history(run_id, key)) for key in curves}
+    return steps, {key: value for key, value in latest.items() if is_summary(key)}
 
 
 def _start_monitor(tracking_uri: str, run_id: str, sampling_interval: float,
