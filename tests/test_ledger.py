@@ -15,6 +15,7 @@ from mlflow.entities import Metric, Param
 from mlflow.tracking import MlflowClient
 
 from analysis.ledger import ledger_markdown, ledger_metrics, ledger_table, ledger_totals, write_ledger
+from analysis.report import build_report
 from analysis.results import load_study
 from benchmarks.common import machine_info
 from benchmarks.matmul import bench_matmul
@@ -207,3 +208,24 @@ def test_report_table_and_totals(tmp_path: Path) -> None:
     rows = pd.read_csv(csv).set_index("trial")
     assert rows.loc["total", "actual_device_hours"] == 4.6 and rows.loc["total", "ratio_flops"] == 1.0
     assert rows.loc["d", "calibration"] == "not planned (run before the ledger)"
+
+
+def test_report_writes_the_ledger_and_logs_its_totals_to_the_parent_run(tmp_path: Path) -> None:
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    exp = client.create_experiment("ledger")
+    parent = client.create_run(exp, tags={names.STUDY_TAG: "ledger", names.ROLE_TAG: names.ROLE_STUDY}).info.run_id
+    for name, seconds in (("a", "1800.0"), ("b", "unknown")):
+        _trial_run(client, exp, parent, name,
+                   {names.PLAN_TRAIN_FLOPS_TAG: "1e9", names.PLAN_DEVICE_SECONDS_TAG: seconds,
+                    names.PLAN_PRICE_TAG: "unknown"},
+                   {names.COMPUTE_TRAIN_FLOPS: 1e9, names.COMPUTE_CORE_SECONDS: 3600.0, names.BEST_VAL_ACC: 0.5,
+                    names.FEWSHOT_5SHOT: 0.4})
+    paths = build_report(uri, "ledger", tmp_path / "report")
+    assert tmp_path / "report" / "ledger.md" in paths and tmp_path / "report" / "ledger.csv" in paths
+    logged = client.get_run(parent).data.metrics
+    assert logged[names.LEDGER_PLANNED_DEVICE_HOURS] == 0.5 and logged[names.LEDGER_ACTUAL_DEVICE_HOURS] == 2.0
+    assert logged[names.LEDGER_RATIO_DEVICE_HOURS] == 2.0  # over trial a alone, the one with both
+    assert logged[names.LEDGER_UNKNOWN_TRIALS] == 1 and logged[names.LEDGER_RATIO_FLOPS] == 1.0
+    assert names.LEDGER_PLANNED_COST not in logged  # no price: unknown, not 0
+    assert "report/ledger.md" in {a.path for a in client.list_artifacts(parent, "report")}
