@@ -19,6 +19,7 @@ import psutil
 import pytest
 from mlflow.tracking import MlflowClient
 
+from pipeline import cli
 from pipeline.tracking import experiment_id, study_run, trial_run
 from pipeline.ui import find_study
 from tests.conftest import CLI, REPO, cli_env, free_port
@@ -129,24 +130,29 @@ def test_ui_links_to_the_study_runs_and_stops_on_a_signal(tmp_path: Path, stop_s
         probe.bind(("127.0.0.1", port))
 
 
-def test_ui_refuses_a_busy_port_and_a_missing_store(tmp_path: Path) -> None:
+def _ui_refused(args: list[str], capsys) -> str:
+    """Run `mixer-study ui ARGS` in this process (a refusal starts nothing); returns its stderr, asserting exit 2."""
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["ui", *args])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "mixer-study ui: error: " in err and "Traceback" not in err, err
+    return err
+
+
+def test_ui_refuses_a_busy_port_a_missing_store_and_an_unknown_study(tmp_path: Path, capsys) -> None:
     uri = _store_with_studies(tmp_path)
     with socket.socket() as holder:
         holder.bind(("127.0.0.1", 0))
         holder.listen()
         port = holder.getsockname()[1]
-        busy = subprocess.run(CLI + ["ui", "--tracking-uri", uri, "--port", str(port)], env=cli_env(tmp_path),
-                              cwd=REPO, capture_output=True, text=True, timeout=120)
-    assert busy.returncode == 2, busy.stdout + busy.stderr
-    assert f"--port {port}: cannot listen on 127.0.0.1:{port}" in busy.stderr and "Traceback" not in busy.stderr
-    assert "starting" not in busy.stdout  # refused before MLflow started
+        err = _ui_refused(["--tracking-uri", uri, "--port", str(port)], capsys)
+    assert f"--port {port}: cannot listen on 127.0.0.1:{port}" in err
+    assert "starting" not in capsys.readouterr().out  # refused before MLflow started
 
     missing = tmp_path / "elsewhere" / "mlflow.db"
-    refused = subprocess.run(CLI + ["ui", "--tracking-uri", f"sqlite:///{missing}", "--port", str(free_port())],
-                             env=cli_env(tmp_path), cwd=REPO, capture_output=True, text=True, timeout=120)
-    assert refused.returncode == 2 and f"MLflow store {missing} does not exist" in refused.stderr, refused.stderr
+    err = _ui_refused(["--tracking-uri", f"sqlite:///{missing}", "--port", str(free_port())], capsys)
+    assert f"MLflow store {missing} does not exist" in err
     assert not missing.parent.exists()  # no empty store was created
 
-    unknown = subprocess.run(CLI + ["ui", "absent", "--tracking-uri", uri, "--port", str(free_port())],
-                             env=cli_env(tmp_path), cwd=REPO, capture_output=True, text=True, timeout=120)
-    assert unknown.returncode == 2 and "no study 'absent'" in unknown.stderr, unknown.stderr
+    err = _ui_refused(["absent", "--tracking-uri", uri, "--port", str(free_port())], capsys)
+    assert "no study 'absent'" in err and "newer, older" in err
