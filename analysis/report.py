@@ -18,7 +18,8 @@ from mlflow.tracking import MlflowClient
 from analysis import figures
 from analysis.ledger import ledger_metrics, ledger_table, ledger_totals, write_ledger
 from analysis.results import export, load_study
-from workers.names import ROLE_STUDY, ROLE_TAG, STUDY_TAG
+from analysis.scaling_report import scaling_metrics, write_scaling
+from workers.names import ROLE_STUDY, ROLE_TAG, SCALING_INPUT_SHA256_TAG, STUDY_TAG
 from workers.training.mlflow_logger import tag_filter
 
 log = logging.getLogger(__name__)
@@ -61,8 +62,10 @@ def token_mixing_weights(checkpoint: str, blocks: int = 3) -> tuple[list[np.ndar
     return [model.token_mixing_weights(b).float().numpy() for b in range(count)], model.variant.name
 
 
-def build_report(tracking_uri: str, study: str, out_dir: str | Path, experiment: str | None = None) -> list[Path]:
-    """Write every figure and table for ``study`` into ``out_dir``; returns the written paths."""
+def build_report(tracking_uri: str, study: str, out_dir: str | Path, experiment: str | None = None,
+                 bootstrap: int = 200, seed: int = 0) -> list[Path]:
+    """Write every figure and table for ``study`` into ``out_dir`` (the scaling laws into ``out_dir/scaling``, with
+    ``bootstrap`` resamples and ``seed``); returns the written paths."""
     out_dir = Path(out_dir)
     df = load_study(tracking_uri, study, experiment)
     if df.empty:
@@ -97,12 +100,38 @@ def build_report(tracking_uri: str, study: str, out_dir: str | Path, experiment:
             title = f"Token-mixing weights, first {len(weights)} blocks of {variant} ({row['trial']})"
             paths += figures.fig5_token_mixing(weights, out_dir, title=title)
     _log_artifacts(tracking_uri, study, experiment or study, paths, ledger_metrics(totals))
+    try:  # a grid that supports no law still gets scaling.md saying why; only a study without accuracies has none
+        paths += fit_study(tracking_uri, study, out_dir / "scaling", experiment, bootstrap, seed, df)
+    except LookupError as error:
+        log.warning("scaling laws skipped: %s", error)
+    return paths
+
+
+def fit_study(tracking_uri: str, study: str, out_dir: str | Path, experiment: str | None = None, bootstrap: int = 200,
+              seed: int = 0, df: pd.DataFrame | None = None) -> list[Path]:
+    """``mixer-study fit NAME``: every scaling law the study's grid supports (analysis.scaling_report) into
+    ``out_dir``, and onto the study's parent run: the table, JSON and figures as artifacts under ``scaling/``, each
+    parameter and its interval as ``scaling/...`` metrics, the input rows' sha256 as a tag.
+
+    Args:
+        tracking_uri: the MLflow store; study: the study's name; out_dir: where the files go.
+        experiment: the MLflow experiment if not the study's name.
+        bootstrap: resamples per fit; seed: their seed.
+        df: the study's results table if already loaded.
+    """
+    df = load_study(tracking_uri, study, experiment) if df is None else df
+    if df.empty:
+        raise LookupError(f"study '{study}' has no trial runs in {tracking_uri}")
+    result, paths = write_scaling(df, out_dir, bootstrap, seed)
+    _log_artifacts(tracking_uri, study, experiment or study, paths, scaling_metrics(result), artifact_path="scaling",
+                   tags={SCALING_INPUT_SHA256_TAG: result["input_sha256"]})
     return paths
 
 
 def _log_artifacts(tracking_uri: str, study: str, experiment: str, paths: list[Path],
-                   metrics: dict[str, float]) -> None:
-    """The report's files as artifacts of the study's parent run (under ``report/``), and ``metrics`` on it."""
+                   metrics: dict[str, float], artifact_path: str = "report",
+                   tags: dict[str, str] | None = None) -> None:
+    """Files as artifacts of the study's parent run (under ``artifact_path``), and ``metrics`` and ``tags`` on it."""
     client = MlflowClient(tracking_uri)
     exp = client.get_experiment_by_name(experiment)
     runs = client.search_runs([exp.experiment_id], tag_filter({STUDY_TAG: study, ROLE_TAG: ROLE_STUDY}),
@@ -111,6 +140,10 @@ def _log_artifacts(tracking_uri: str, study: str, experiment: str, paths: list[P
         log.warning("no parent run for study %s: figures not logged to MLflow", study)
         return
     for path in paths:
-        client.log_artifact(runs[0].info.run_id, str(path), artifact_path="report")
+        client.log_artifact(runs[0].info.run_id, str(path), artifact_path=artifact_path)
     now_ms = int(time.time() * 1000)
-    client.log_batch(runs[0].info.run_id, metrics=[Metric(k, v, now_ms, 0) for k, v in metrics.items()])
+    metric_list = [Metric(k, v, now_ms, 0) for k, v in metrics.items()]
+    for start in range(0, len(metric_list), 1000):  # MLflow takes at most 1000 metrics per batch
+        client.log_batch(runs[0].info.run_id, metrics=metric_list[start:start + 1000])
+    for key, value in (tags or {}).items():
+        client.set_tag(runs[0].info.run_id, key, value)

@@ -8,7 +8,8 @@
   sync      send to MLflow what a study spooled while the tracking server was down
   train     run one trial (a study's base recipe, with --set overrides)
   fewshot   linear few-shot evaluation of a checkpoint
-  report    results table + the paper's figures from a study's MLflow runs
+  report    results table + the paper's figures (and scaling laws) from a study's MLflow runs
+  fit       scaling laws with bootstrap intervals: of a study (into its report and MLflow) or of a CSV
   ui        the MLflow UI on 127.0.0.1
   bench     speed benchmarks (prints a table, writes JSON)
 """
@@ -199,15 +200,21 @@ def _fewshot(args: argparse.Namespace) -> None:
         print(f"{key:>24}: {value:.4f}")
 
 
-def _report(args: argparse.Namespace) -> None:
-    from analysis.report import build_report
+def _study_store(args: argparse.Namespace) -> tuple[str, str, str | None]:
+    """The study's name, its tracking URI and MLflow experiment, from a name or a study YAML (`report`, `fit`)."""
     from pipeline.tracking import connect_tracking, resolve_tracking_uri
 
     study, spec = _study_name(args.study)
-    out = args.out or f"results/{study}"
     uri = connect_tracking(resolve_tracking_uri(args.tracking_uri, spec.tracking.uri if spec else None))
-    experiment = args.experiment or (spec.tracking.experiment if spec else None)
-    paths = build_report(uri, study, out, experiment=experiment)
+    return study, uri, getattr(args, "experiment", None) or (spec.tracking.experiment if spec else None)
+
+
+def _report(args: argparse.Namespace) -> None:
+    from analysis.report import build_report
+
+    study, uri, experiment = _study_store(args)
+    out = args.out or f"results/{study}"
+    paths = build_report(uri, study, out, experiment=experiment, bootstrap=args.bootstrap, seed=args.seed)
     print(f"report of study {study}: {len(paths)} files in {Path(out).resolve()}")
     for path in paths:
         print(f"  {path}")
@@ -254,8 +261,10 @@ def _fit(args: argparse.Namespace) -> None:
     from analysis.scaling.table import fit_table
 
     if args.csv is None:
-        raise ValueError(f"mixer-study fit {args.study or ''}: fitting a study's runs is not wired yet; give --csv FILE"
-                         " (one run per row) and the columns")
+        _fit_study(args)
+        return
+    if args.json is None:
+        raise ValueError("mixer-study fit --csv FILE needs --json OUT (where the fit goes)")
     needed = {"chinchilla": {"N": args.n, "D": args.d}, "saturating": {"C": args.c}}[args.form]
     for name, column in needed.items():
         if column is None:
@@ -272,6 +281,18 @@ def _fit(args: argparse.Namespace) -> None:
         value = result["params"].get(name, result["derived"].get(name))
         print(f"  {name:>12} {value:12.5g}   95 % [{lo:.5g}, {hi:.5g}]")
     print(f"-> {args.json}")
+
+
+def _fit_study(args: argparse.Namespace) -> None:
+    from analysis.report import fit_study
+
+    if args.study is None:
+        raise ValueError("mixer-study fit needs a STUDY (name or YAML) or --csv FILE")
+    study, uri, experiment = _study_store(args)
+    out = args.out or f"results/{study}/scaling"
+    paths = fit_study(uri, study, out, experiment, bootstrap=args.bootstrap, seed=args.seed)
+    print(Path(out, "scaling.md").read_text())
+    print(f"scaling laws of study {study}: {len(paths)} files in {Path(out).resolve()}, logged to its parent run")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -380,6 +401,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("study", metavar="STUDY", help="study name (as in its YAML) or the study YAML file")
     p.add_argument("--out", help="output folder (default results/<study>)")
     p.add_argument("--experiment", help="MLflow experiment if not the study name")
+    p.add_argument("--bootstrap", type=int, default=200, help="bootstrap resamples per scaling-law fit")
+    p.add_argument("--seed", type=int, default=0, help="seed of the bootstrap resampling")
     p.set_defaults(func=_report)
 
     p = verbs.add_parser("ui", parents=[store_args],
@@ -410,8 +433,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="bench-results/bench.json", help="where the JSON results go")
     p.set_defaults(func=_bench)
 
-    p = verbs.add_parser("fit", help="fit a scaling law with bootstrap intervals to a CSV of runs")
-    p.add_argument("study", nargs="?", help="a study name (not wired yet: use --csv)")
+    p = verbs.add_parser("fit", parents=[track_args],
+                         help="fit scaling laws with bootstrap intervals to a study's runs or to a CSV of runs")
+    p.add_argument("study", nargs="?", metavar="STUDY",
+                   help="study name (as in its YAML) or the study YAML file: every law its grid supports, into the "
+                        "report folder and its parent MLflow run")
+    p.add_argument("--out", help="STUDY: output folder (default results/<study>/scaling)")
+    p.add_argument("--experiment", help="STUDY: MLflow experiment if not the study name")
     p.add_argument("--csv", help="CSV file, one run per row")
     p.add_argument("--form", choices=["chinchilla", "saturating"], default="chinchilla",
                    help="chinchilla: L = E + A/N^alpha + B/D^beta; saturating: E = a (C + d)^-b + c")
@@ -424,7 +452,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bootstrap", type=int, default=200, help="bootstrap resamples (default 200)")
     p.add_argument("--seed", type=int, default=0, help="seed of the bootstrap resampling")
     p.add_argument("--predict", help="CSV with the same input columns: a 95 %% prediction interval per row")
-    p.add_argument("--json", required=True, help="output JSON")
+    p.add_argument("--json", help="--csv: output JSON (required with --csv)")
     p.set_defaults(func=_fit)
     return parser
 

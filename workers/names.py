@@ -148,6 +148,7 @@ def best_trial_tag(metric: str) -> str:
 # MLflow's chart view draws a metric as a line chart when its latest step is >= 1 in any run, else as a bar chart
 # comparing the runs. A summary (one value per run: a result, its accounting) is therefore logged at step 0, once;
 # a curve at its training step; a timestamp (time/*) as a tag of the same name, since plotting 1.8e9 helps nobody.
+# compute/wall_seconds is reported at every evaluation (the wall time so far): a curve, whose last point counts.
 
 COMPUTE_PREFIX = "compute/"
 TIME_PREFIX = "time/"
@@ -168,6 +169,8 @@ def is_summary(key: str) -> bool:
         key: a metric name as logged, suffix included (``finetune/top1_lr0.01``).
     """
     base = _SWEEP_SUFFIX.sub("", key)
+    if base == COMPUTE_WALL_SECONDS:
+        return False
     return base.startswith(SUMMARY_PREFIXES) or base in SUMMARY_METRICS or base.startswith(f"{FINETUNE_TOP1}_")
 
 
@@ -192,6 +195,18 @@ LEDGER_PLANNED_COST = "ledger/planned_cost"
 LEDGER_ACTUAL_COST = "ledger/actual_cost"
 LEDGER_RATIO_COST = "ledger/ratio_cost"
 LEDGER_UNKNOWN_TRIALS = "ledger/unknown_trials"  # trials whose planned device-seconds had no calibration
+
+# -- scaling/: fitted scaling laws (analysis.scaling_report; on the study's parent run) ----------------------------
+# scaling/<family>/<frontier|all>/<param>[_lo|_hi], scaling/chinchilla/<param>[_lo|_hi],
+# scaling/compare/Mixer-<family>/<scope>/<b|y_at_target>[_lo|_hi]: :func:`scaling_metric` spells them.
+
+SCALING_PREFIX = "scaling/"
+SCALING_INPUT_SHA256_TAG = "scaling.input_sha256"  # sha256 of the rows the fits read
+
+
+def scaling_metric(*parts: str) -> str:
+    """``scaling/<part>/<part>...``, e.g. ``scaling_metric("Mixer", "all", "b_lo")`` -> ``scaling/Mixer/all/b_lo``."""
+    return SCALING_PREFIX + "/".join(parts)
 
 # -- system/: MLflow's own system-metrics sampler ----------------------------------------------------------------
 
