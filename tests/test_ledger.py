@@ -112,7 +112,7 @@ def test_earlier_runs_on_the_same_device_kind_calibrate_first(digits16: Path, be
                                                              tmp_path: Path) -> None:
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = MlflowClient(uri)
-    exp = client.create_experiment("earlier")
+    exp = client.create_experiment("earlier", artifact_location=str(tmp_path / "mlruns"))  # not ./mlruns
     spec = _spec(digits16, calibration=str(bench_file))
     kind = calibrate(spec, tracking_uri=f"sqlite:///{tmp_path / 'none.db'}").device_kind
     assert kind.startswith("cpu:")
@@ -167,7 +167,7 @@ def test_report_table_and_totals(tmp_path: Path) -> None:
     """Two trials planned with a calibration, one without, one run before the ledger existed."""
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = MlflowClient(uri)
-    exp = client.create_experiment("ledger")
+    exp = client.create_experiment("ledger", artifact_location=str(tmp_path / "mlruns"))  # not ./mlruns
     parent = client.create_run(exp, tags={names.STUDY_TAG: "ledger", names.ROLE_TAG: names.ROLE_STUDY}).info.run_id
 
     def plan(flops: float, seconds: float | None) -> dict[str, str]:
@@ -213,7 +213,7 @@ def test_report_table_and_totals(tmp_path: Path) -> None:
 def test_report_writes_the_ledger_and_logs_its_totals_to_the_parent_run(tmp_path: Path) -> None:
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = MlflowClient(uri)
-    exp = client.create_experiment("ledger")
+    exp = client.create_experiment("ledger", artifact_location=str(tmp_path / "mlruns"))  # not ./mlruns
     parent = client.create_run(exp, tags={names.STUDY_TAG: "ledger", names.ROLE_TAG: names.ROLE_STUDY}).info.run_id
     for name, seconds in (("a", "1800.0"), ("b", "unknown")):
         _trial_run(client, exp, parent, name,
