@@ -129,6 +129,11 @@ def _fit_one(form: Form, x: np.ndarray, y: np.ndarray, variants: pd.Series, draw
     return out, boot
 
 
+def _frontier(runs: pd.DataFrame) -> pd.DataFrame:
+    """The runs no other run beats on both compute and error (the Pareto frontier)."""
+    return pareto_front(runs.assign(accuracy=1 - runs["error"]), "compute", "accuracy").drop(columns="accuracy")
+
+
 def fit_study_rows(rows: pd.DataFrame, draws: int = 200, seed: int = 0) -> tuple[dict[str, Any], dict[str, Bootstrap]]:
     """Every form the grid supports, fitted with intervals; Mixer - other families compared.
 
@@ -146,8 +151,7 @@ def fit_study_rows(rows: pd.DataFrame, draws: int = 200, seed: int = 0) -> tuple
     boots: dict[str, Bootstrap] = {}
     for family, runs in rows.groupby("family", sort=True):
         result["saturating"][family] = {}
-        frontier = pareto_front(runs.assign(accuracy=1 - runs["error"]), "compute", "accuracy")
-        for scope, part in (("frontier", frontier), ("all", runs)):
+        for scope, part in (("frontier", _frontier(runs)), ("all", runs)):
             fitted, boot = _fit_one(SATURATING, part[["compute"]].to_numpy(float), part["error"].to_numpy(float),
                                     part["variant"], draws, seed, target)
             result["saturating"][family][scope] = fitted
@@ -249,13 +253,15 @@ def markdown_table(result: dict[str, Any]) -> str:
 
 
 def frontier_figure(rows: pd.DataFrame, result: dict[str, Any], boots: dict[str, Bootstrap], scope: str) -> Figure:
-    """Error vs compute per family: runs, the law with its 95 % prediction band extrapolated a decade beyond, and
-    the held-out runs (above the held-out check's cut) marked."""
+    """Error vs compute per family: runs (those fitted solid), the law with its 95 % prediction band extrapolated a
+    decade beyond, and the fitted runs the held-out check held out (above its compute cut) marked x."""
     fig = Figure(figsize=(7, 4.5))
     ax = fig.add_subplot()
     for index, (family, runs) in enumerate(rows.groupby("family", sort=True)):
         colour = f"C{index}"
-        ax.scatter(runs["compute"], runs["error"], color=colour, alpha=0.4, s=18, label=f"{family} runs")
+        fitted_runs = _frontier(runs) if scope == "frontier" else runs
+        ax.scatter(runs["compute"], runs["error"], color=colour, alpha=0.25, s=14)
+        ax.scatter(fitted_runs["compute"], fitted_runs["error"], color=colour, s=18, label=f"{family} {scope} runs")
         boot = boots.get(f"saturating/{family}/{scope}")
         if boot is None:
             continue
@@ -266,7 +272,7 @@ def frontier_figure(rows: pd.DataFrame, result: dict[str, Any], boots: dict[str,
         ax.fill_between(grid, band["lo"], band["hi"], color=colour, alpha=0.15)
         cut = fitted["holdout"].get("holdout_above")
         if cut is not None:
-            held = runs[runs["compute"] > cut]
+            held = fitted_runs[fitted_runs["compute"] > cut]
             ax.scatter(held["compute"], held["error"], color=colour, marker="x", s=50, label=f"{family} held out")
     ax.set(xscale="log", yscale="log", xlabel="training compute (FLOPs)", ylabel="error = 1 - accuracy",
            title=f"Saturating law per family ({scope} runs), 95 % prediction band")
