@@ -63,7 +63,7 @@ def test_metric_kinds_by_name() -> None:
         assert names.is_summary(key), key
     for key in ("train/loss", "val/acc", "perf/train_img_per_s", "finetune/train_loss_lr0.01", "finetune/lr_lr0.01",
                 "finetune/loss_lr0.01", "perf/finetune_img_per_s_lr0.01", "data/skipped_samples", "images_seen",
-                "system/cpu_utilization_percentage"):
+                "system/cpu_utilization_percentage", "compute/wall_seconds"):  # the wall time at each evaluation
         assert not names.is_summary(key), key
     assert names.is_timestamp(names.TIME_TRIAL_END_UNIX) and not names.is_timestamp(names.COMPUTE_WALL_SECONDS)
 
@@ -72,31 +72,31 @@ def test_summaries_once_at_step_0_curves_at_their_steps_timestamps_as_tags(clien
                                                                            tracking_uri: str) -> None:
     run_id = client.create_run(experiment_id(client, "view-a")).info.run_id
     tracker = RunLogger(tracking_uri, run_id)
-    # What a trial's rank 0 logs: compute/wall_seconds at every evaluation, the rest at the last step.
+    # What a trial's rank 0 logs: compute/wall_seconds at every evaluation, the summaries at the last step, flushed
+    # before the checkpoint that implies them (a segment killed after it is not asked for them again).
     tracker.log({"train/loss": 2.0, "val/acc": 0.5, "compute/wall_seconds": 10.0}, 50)
-    tracker.flush()
-    assert "compute/wall_seconds" not in client.get_run(run_id).data.metrics  # a summary waits for close()
     tracker.log({"train/loss": 1.0, "val/acc": 0.75, "compute/wall_seconds": 20.0, "best/val_acc": 0.75,
                  "best/step": 100, "fewshot/5shot": 0.6, "time/train_end_unix": 1_700_000_000.1234}, 100)
+    tracker.flush()
+    assert client.get_run(run_id).data.metrics["best/val_acc"] == 0.75
     tracker.close("FINISHED")
 
     run = client.get_run(run_id)
     assert _history(client, run_id, "train/loss") == [(50, 2.0), (100, 1.0)]
     assert _history(client, run_id, "val/acc") == [(50, 0.5), (100, 0.75)]
-    assert _history(client, run_id, "compute/wall_seconds") == [(0, 20.0)]  # the last value, once
-    for key in ("best/val_acc", "best/step", "fewshot/5shot", "compute/wall_seconds"):
-        assert _drawn_as_bars(client, run_id, key), key
+    assert _history(client, run_id, "compute/wall_seconds") == [(50, 10.0), (100, 20.0)]
+    for key in ("best/val_acc", "best/step", "fewshot/5shot"):
+        assert _history(client, run_id, key)[0][0] == 0 and _drawn_as_bars(client, run_id, key), key
     assert not _drawn_as_bars(client, run_id, "train/loss")
     assert "time/train_end_unix" not in run.data.metrics
     assert run.data.tags["time/train_end_unix"] == "1700000000.123"
 
-    # A resumed segment recomputes the summaries: an unchanged value adds no point, a changed one replaces it (the
-    # latest point at step 0 is what MLflow shows).
+    # A resumed segment that recomputes the summaries adds nothing: every point once, the first value kept.
     tracker = RunLogger(tracking_uri, run_id)
-    tracker.log({"best/val_acc": 0.75, "compute/wall_seconds": 25.0}, 100)
+    tracker.log({"best/val_acc": 0.75, "fewshot/5shot": 0.61, "train/loss": 1.0}, 100)
     tracker.close()
-    assert _history(client, run_id, "best/val_acc") == [(0, 0.75)]
-    assert client.get_run(run_id).data.metrics["compute/wall_seconds"] == 25.0
+    assert tracker.skipped == 3 and duplicated_points(client, run_id) == {}
+    assert client.get_run(run_id).data.metrics["fewshot/5shot"] == 0.6
 
 
 def test_spooled_summaries_are_replayed_once(client: MlflowClient, tmp_path: Path) -> None:

@@ -49,10 +49,10 @@ def tag_filter(tags: dict[str, str]) -> str:
 class RunLogger:
     """Buffers metrics and writes them to one existing MLflow run with ``log_batch`` (one round trip per flush).
 
-    Curves are written at each flush; summaries (:func:`workers.names.is_summary`) at :meth:`close`, at step 0, the
-    last value logged of each (``compute/wall_seconds`` is reported at every evaluation, its final value counts),
-    and only where the run does not already hold that value (a resumed segment that recomputes it adds nothing);
-    timestamps (:func:`workers.names.is_timestamp`) become tags, sent with the next flush.
+    Summaries (:func:`workers.names.is_summary`) are points at step 0, so the resume rule (module docstring) keeps
+    the first value logged: a resumed segment that recomputes one adds nothing, as it added nothing at the last step
+    before. They are sent with the flush before the checkpoint that implies them, like every point.
+    Timestamps (:func:`workers.names.is_timestamp`) become tags, sent with the next flush.
 
     With ``system_metrics=True`` it also samples system metrics into the run (``system/cpu_utilization_percentage``,
     ``system/system_memory_usage_megabytes``, ...) every ``sampling_interval`` seconds, averaging
@@ -75,37 +75,33 @@ class RunLogger:
         self._client = MlflowClient(tracking_uri)
         self._run_id, self._spool = run_id, spool
         self._pending: list[Metric] = []
-        self._summaries: dict[str, Metric] = {}  # written at close()
         self._tags: dict[str, str] = {}
         self._spooling = bool(spool) and bool(spool_files(spool))  # an earlier segment's leftovers go first
         try:
-            self._last_step, self._logged_values = logged_state(self._client, run_id)  # ({}, {}) for a new run
+            self._last_step = last_logged_steps(self._client, run_id)  # {} for a new run
         except Exception:
             if not spool:
                 raise
-            # The replay drops what the run already has, summaries included.
-            self._last_step, self._logged_values, self._spooling = {}, {}, True
+            self._last_step, self._spooling = {}, True  # the replay will drop what the run already has
         self.skipped = 0  # points not written because the run already had them (a resumed segment)
         self._monitor: SystemMetricsMonitor | None = None
         if system_metrics:
             self._monitor = _start_monitor(tracking_uri, run_id, sampling_interval, samples_before_logging)
 
     def log(self, metrics: dict[str, float], step: int) -> None:
-        """Queue ``metrics`` at ``step``: curves there (a key whose history in the run already reaches ``step`` is
-        skipped), summaries for step 0 at :meth:`close`, timestamps as tags (class docstring)."""
+        """Queue ``metrics`` at ``step`` (a summary at step 0, a timestamp as a tag: class docstring); a key whose
+        history in the run already reaches that step is skipped."""
         timestamp = int(time.time() * 1000)
         for key, value in metrics.items():
             if is_timestamp(key):
                 self._tags[key] = f"{float(value):.3f}"  # unix seconds to the millisecond
                 continue
-            if is_summary(key):
-                self._summaries[key] = Metric(key, float(value), timestamp, 0)
-                continue
-            if step <= self._last_step.get(key, -1):
+            at = 0 if is_summary(key) else step
+            if at <= self._last_step.get(key, -1):
                 self.skipped += 1
                 continue
-            self._last_step[key] = step
-            self._pending.append(Metric(key, float(value), timestamp, step))
+            self._last_step[key] = at
+            self._pending.append(Metric(key, float(value), timestamp, at))
         if len(self._pending) >= 200:
             self.flush()
 
@@ -157,11 +153,8 @@ class RunLogger:
         return True
 
     def close(self, status: str | None = None) -> None:
-        """Write the summaries, flush (ending the run with ``status`` if given) and stop the system-metrics sampler.
-        Idempotent."""
+        """Flush (ending the run with ``status`` if given) and stop the system-metrics sampler. Idempotent."""
         monitor, self._monitor = self._monitor, None
-        summaries, self._summaries = self._summaries, {}
-        self._pending += [m for m in summaries.values() if self._logged_values.get(m.key) != m.value]
         try:
             self.flush(status)
         finally:
@@ -196,27 +189,22 @@ def write_spool(spool: str, run_id: str, metrics: list[Metric], tags: dict[str, 
 def replay_spool(client: MlflowClient, spool: str) -> int:
     """Send the spool's records to MLflow in the order written, deleting each once sent; returns the points sent.
 
-    A point is sent only past the last step its run already holds for that key (as :meth:`RunLogger.log` does), and
-    a summary (step 0) only where the run does not hold that value already, so a record that partly arrived before
-    the store failed, or a replay interrupted and run again, duplicates nothing. Raises when the store does not
-    answer; what was not sent stays in the spool.
+    A point is sent only past the last step its run already holds for that key (as :meth:`RunLogger.log` does), so
+    a record that partly arrived before the store failed, or a replay interrupted and run again, duplicates nothing.
+    Raises when the store does not answer; what was not sent stays in the spool.
     """
-    sent, logged = 0, {}
+    sent, last = 0, {}
     fs, _ = fsspec.core.url_to_fs(spool)
     for path in spool_files(spool):
         if path.rsplit("/", 1)[-1].startswith("."):
             continue  # a record being written
         doc = json.loads(fs.cat_file(path))
         run_id = doc["run_id"]
-        if run_id not in logged:
-            logged[run_id] = logged_state(client, run_id)
-        (steps, values), metrics = logged[run_id], []
+        if run_id not in last:
+            last[run_id] = last_logged_steps(client, run_id)
+        steps, metrics = last[run_id], []
         for key, value, timestamp, step in doc["metrics"]:
-            if step == 0 and is_summary(key):
-                if values.get(key) != value:
-                    values[key] = value
-                    metrics.append(Metric(key, float(value), int(timestamp), 0))
-            elif step > steps.get(key, -1):
+            if step > steps.get(key, -1):
                 steps[key] = step
                 metrics.append(Metric(key, float(value), int(timestamp), int(step)))
         for start in range(0, len(metrics), 1000):
@@ -252,14 +240,11 @@ def fail_fast_http(timeout_s: float = 10.0) -> Iterator[None]:
                 os.environ[key] = value
 
 
-def logged_state(client: MlflowClient, run_id: str) -> tuple[dict[str, int], dict[str, float]]:
-    """What run ``run_id`` already holds: (the last step of each curve, the latest value of each summary). System
-    metrics are left out (their sampler keeps its own step counter). One history query per curve, and only for a
-    run that has metrics, i.e. a resumed one."""
-    latest = client.get_run(run_id).data.metrics
-    curves = [k for k in latest if not k.startswith(SYSTEM_PREFIX) and not is_summary(k)]
-    steps = {key: max(m.step for m in client.get_metric_history(run_id, key)) for key in curves}
-    return steps, {key: value for key, value in latest.items() if is_summary(key)}
+def last_logged_steps(client: MlflowClient, run_id: str) -> dict[str, int]:
+    """The last step of each metric already in run ``run_id`` (system metrics excluded: their sampler keeps its
+    own step counter). One history query per key, and only for a run that has metrics, i.e. a resumed one."""
+    keys = [k for k in client.get_run(run_id).data.metrics if not k.startswith(SYSTEM_PREFIX)]
+    return {key: max(m.step for m in client.get_metric_history(run_id, key)) for key in keys}
 
 
 def _start_monitor(tracking_uri: str, run_id: str, sampling_interval: float,
