@@ -21,7 +21,8 @@ LEVEL = 0.95
 
 def percentile_intervals(draws: dict[str, np.ndarray], point: dict[str, float], units: int, n_params: int,
                          level: float = LEVEL) -> dict[str, tuple[float, float]]:
-    """Percentile intervals, each side's distance from the point estimate stretched by sqrt(units/(units - P)).
+    """Percentile intervals, each side's distance from the point estimate stretched by sqrt(units/(units - P)) (on the
+    log scale where the stretch would take a positive lower percentile below zero).
 
     The stretch is the degrees-of-freedom correction of the sandwich variance (HC1): a bootstrap of ``units``
     independent units (runs, or groups) spreads like the residuals, which a P-parameter fit has pulled in.
@@ -36,7 +37,12 @@ def percentile_intervals(draws: dict[str, np.ndarray], point: dict[str, float], 
     out = {}
     for name, v in draws.items():
         lo, hi = np.nanpercentile(v, [tail, 100 - tail], axis=-1)
-        out[name] = (point[name] - stretch * (point[name] - lo), point[name] + stretch * (hi - point[name]))
+        p = point[name]
+        low = p - stretch * (p - lo)
+        if np.ndim(low) == 0 and low <= 0 < lo and p > 0:
+            # A positive quantity (its lower percentile is positive): stretch on the log scale, so it stays positive.
+            low = p * (lo / p) ** stretch
+        out[name] = (low, p + stretch * (hi - p))
     return out
 
 
