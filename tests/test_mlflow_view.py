@@ -34,17 +34,6 @@ from workers.training.checkpoint import MODEL_FILE
 from workers.training.mlflow_logger import RunLogger, replay_spool, write_spool
 
 
-@pytest.fixture(scope="module")
-def tracking_uri(tmp_path_factory: pytest.TempPathFactory) -> str:
-    # One store for the module (creating a sqlite store runs MLflow's migrations, ~2 s); tests use own experiments.
-    return f"sqlite:///{tmp_path_factory.mktemp('mlflow')}/mlflow.db"
-
-
-@pytest.fixture(scope="module")
-def client(tracking_uri: str) -> MlflowClient:
-    return MlflowClient(tracking_uri)
-
-
 def _history(client: MlflowClient, run_id: str, key: str) -> list[tuple[int, float]]:
     return sorted((m.step, m.value) for m in client.get_metric_history(run_id, key))
 

@@ -30,17 +30,6 @@ SHARDS = [f"{i:064x}" for i in range(4)]  # stand-ins for a manifest's shard sha
 VAL_SHARDS = [f"{i + 100:064x}" for i in range(2)]
 
 
-@pytest.fixture(scope="module")
-def tracking_uri(tmp_path_factory: pytest.TempPathFactory) -> str:
-    # One store for the module (creating a sqlite store runs MLflow's migrations, ~2 s); tests use own experiments.
-    return f"sqlite:///{tmp_path_factory.mktemp('mlflow')}/mlflow.db"
-
-
-@pytest.fixture(scope="module")
-def client(tracking_uri: str) -> MlflowClient:
-    return MlflowClient(tracking_uri)
-
-
 def _splits(fraction: float, num_samples: int) -> list[DataSplit]:
     return [
         DataSplit("train", "s3://user:secret@bucket/digits16/train/manifest.json", SHARDS, fraction, num_samples, 10),
