@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from functools import lru_cache
-from pathlib import Path
 from typing import Any
 
 import fsspec
@@ -29,7 +28,7 @@ from analysis.ledger import (
     runs_throughput,
 )
 from pipeline.spec import StudyError, StudySpec, trial_name
-from pipeline.tracking import check_tracking, redact_url, resolve_tracking_uri
+from pipeline.tracking import check_tracking, local_store_path, redact_url, resolve_tracking_uri
 from workers.config import TrialConfig, flatten
 from workers.data.fractions import class_counts, subset_size
 from workers.data.manifest import Manifest, load_manifest
@@ -125,10 +124,9 @@ def plan_study(spec: StudySpec) -> list[TrialPlan]:
         manifest = _field_manifest("data.train", config.data.train, spec.name, point)
         _field_manifest("data.val", config.data.val, spec.name, point)
         if config.fewshot.enabled:
-            _field_manifest("fewshot.train", config.fewshot.train, spec.name, point)
+            fewshot_train = _field_manifest("fewshot.train", config.fewshot.train, spec.name, point)
             _field_manifest("fewshot.test", config.fewshot.test, spec.name, point)
-        if config.fewshot.enabled:
-            _check_fewshot_classes(config, _manifest(config.fewshot.train), trial_name(point))
+            _check_fewshot_classes(config, fewshot_train, trial_name(point))
         variant = get_variant(config.model.variant)
         image_size = config.data.image_size or manifest.image_size
         if not image_size:
@@ -225,7 +223,8 @@ def calibrate(spec: StudySpec, *, tracking_uri: str | None = None, bench: str | 
         notes.append("device kind unknown: the study's workers hold GPUs and this machine has none to name; set "
                      "resources.device_kind or --device-kind (e.g. 'cuda:NVIDIA H100 80GB HBM3')")
     uri = resolve_tracking_uri(tracking_uri, spec.tracking.uri)
-    if kind and uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).exists():
+    store = local_store_path(uri)
+    if kind and store is not None and not store.exists():
         notes.append(f"earlier runs: none ({uri} does not exist)")
     elif kind:
         try:

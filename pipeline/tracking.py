@@ -104,6 +104,17 @@ def check_tracking(uri: str, timeout_s: float = 10.0) -> None:
                              "launched") from None
 
 
+def local_store_path(uri: str) -> Path | None:
+    """The file or folder of a local MLflow store (``sqlite:///path``, ``file:///path`` or a path); None for a
+    server or a database server (``http://``, ``postgresql://``, ...)."""
+    if uri.startswith("sqlite:///"):
+        return Path(unquote(uri[len("sqlite:///"):]))
+    scheme = urlsplit(uri).scheme
+    if scheme == "file":
+        return Path(unquote(urlsplit(uri).path))
+    return Path(uri) if scheme == "" else None
+
+
 def artifact_location(tracking_uri: str, experiment: str) -> str | None:
     """Where a new experiment's artifacts go: ``mlruns/<experiment>`` beside the database of a local sqlite store.
 
@@ -113,7 +124,7 @@ def artifact_location(tracking_uri: str, experiment: str) -> str | None:
     """
     if not tracking_uri.startswith("sqlite:///"):
         return None
-    return str(Path(unquote(tracking_uri[len("sqlite:///"):])).resolve().parent / "mlruns" / experiment)
+    return str(local_store_path(tracking_uri).resolve().parent / "mlruns" / experiment)
 
 
 def experiment_id(client: MlflowClient, name: str) -> str:

@@ -19,12 +19,12 @@ import time
 import urllib.request
 import webbrowser
 from dataclasses import dataclass
-from pathlib import Path
-from urllib.parse import unquote, urlencode, urlsplit
+from urllib.parse import urlencode
 
 from mlflow.tracking import MlflowClient
 
 from pipeline.spec import StudyError
+from pipeline.tracking import local_store_path
 from workers.names import BEST_VAL_ACC, FEWSHOT_5SHOT, ROLE_STUDY, ROLE_TAG, STUDY_TAG
 from workers.training.mlflow_logger import tag_filter
 
@@ -46,17 +46,6 @@ class StudyPage:
         if self.sort_metric:
             query |= {"orderByKey": f"metrics.`{self.sort_metric}`", "orderByAsc": "false"}
         return f"{base_url}/#/experiments/{self.experiment_id}/runs?{urlencode(query)}"
-
-
-def local_store_path(uri: str) -> Path | None:
-    """The file or folder of a local MLflow store (``sqlite:///path``, ``file:///path`` or a path); None for a
-    server or a database server (``http://``, ``postgresql://``, ...)."""
-    if uri.startswith("sqlite:///"):
-        return Path(unquote(uri[len("sqlite:///"):]))
-    scheme = urlsplit(uri).scheme
-    if scheme == "file":
-        return Path(unquote(urlsplit(uri).path))
-    return Path(uri) if scheme == "" else None
 
 
 def check_store(uri: str) -> None:
