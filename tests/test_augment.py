@@ -391,3 +391,70 @@ def test_mixup_is_deterministic_per_generator_and_skips_p0():
         A.mixup(images, torch.arange(4), 0.5, torch.Generator())
     draws = [float(A.mixup(images, targets, 0.5, torch.Generator().manual_seed(s))[1].max()) for s in range(300)]
     assert min(draws) >= 0.5 and np.mean(draws) == pytest.approx(0.5 + 1 / np.pi, abs=0.03)  # E[max(a, 1-a)]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the loader's batches, pinned: the optimised views (PIL C ops, look-up tables, cached coordinate maps) must yield
+# bit for bit the batches of the first, plain numpy port for the same seed: same data order, same augmentation
+# draws, same pixels. The digests were taken with that port (commit fb6b9bb); the images are PNG (lossless), so no
+# JPEG decoder version enters them.
+
+
+def _photo(rng: np.random.Generator, height: int, width: int) -> np.ndarray:
+    """A smooth random colour field with a few hard-edged rectangles: every RandAugment op changes it."""
+    low = rng.integers(0, 256, size=(5, 7, 3), dtype=np.uint8)
+    image = np.array(Image.fromarray(low).resize((width, height), Image.Resampling.BICUBIC))
+    for _ in range(4):
+        y, x = int(rng.integers(0, height - 8)), int(rng.integers(0, width - 8))
+        image[y : y + int(rng.integers(4, height // 2)), x : x + int(rng.integers(4, width // 2))] = rng.integers(
+            0, 256, 3, dtype=np.uint8)
+    return image
+
+
+def _batch_digests(slices, train: bool, augment: AugmentConfig, image_size: int | None, batch_size: int) -> list[str]:
+    import hashlib
+
+    from workers.data.reader import ShardDataset, make_loader
+
+    dataset = ShardDataset(slices, train=train, seed=3, augment=augment, image_size=image_size)
+    return [hashlib.sha256(images.numpy().tobytes() + labels.numpy().tobytes()).hexdigest()[:16]
+            for images, labels in make_loader(dataset, batch_size)]
+
+
+PINNED_PHOTO_BATCHES = {
+    "paper": ["0579ca421e273ce3", "daf5c4a2513ca06a", "ff30d70cc3e4646e", "6732bf0f345dbf09", "adb03611a7a275bc"],
+    "eval": ["475b66b7c03666ac", "e5bbfa3c7f11f64e", "831d033939dff743", "88f97685ac7c72ca", "650a09f8627d7235"],
+}
+PINNED_DIGITS_BATCHES = [
+    "e4155ed504cdf2c8", "b6d3adb0e2e057ca", "ae6ffa48aece1a06", "7e79685bcd2ddf99", "229ef7d9f0eba678",
+    "93d8944bc341aefd", "b4304bd99729e234", "623f7a87b6671fbf", "abcdb4908a0f6ca8", "b34cf35c9c5dd07e",
+    "9b9d14d6a35eb7bb", "b11b99c64874b5d8",
+]
+
+
+@pytest.fixture(scope="module")
+def photo_slices(tmp_path_factory):
+    from workers.data.fractions import fraction_slices
+    from workers.data.writer import write_split
+
+    rng = np.random.default_rng(20)
+    shapes = ((232, 232), (232, 300), (300, 232), (232, 348))  # the 224 px views: RandAugment's pixel constants
+    samples = [(_photo(rng, *shapes[i % 4]), i % 3) for i in range(40)]
+    manifest = write_split(samples, str(tmp_path_factory.mktemp("photos")), "train", ["a", "b", "c"], image_size=232,
+                           samples_per_shard=16)
+    return fraction_slices(manifest, 1.0)
+
+
+@pytest.mark.parametrize("view", ["paper", "eval"])
+def test_photo_batches_are_those_of_the_plain_port(photo_slices, view):
+    augment = AugmentConfig(crop="inception", flip=True, randaug=(2, 15)) if view == "paper" else AugmentConfig()
+    assert _batch_digests(photo_slices, view == "paper", augment, 224, 8) == PINNED_PHOTO_BATCHES[view]
+
+
+def test_digits_batches_are_those_of_the_plain_port(digits16):
+    from workers.data.fractions import fraction_slices
+    from workers.data.manifest import load_manifest
+
+    slices = fraction_slices(load_manifest(str(digits16 / "train")), 0.3)
+    augment = AugmentConfig(crop="pad", pad=1, randaug=(2, 15))
+    assert _batch_digests(slices, True, augment, None, 32) == PINNED_DIGITS_BATCHES
