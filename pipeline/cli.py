@@ -1,7 +1,7 @@
 """``mixer-study``: the command line. Each verb is a thin wrapper over a library function.
 
   models    list the model variants with sizes and FLOPs
-  shards    write WebDataset shards (bundled digits, an ImageFolder tree) or index a WebDataset corpus (--from wds)
+  shards    write WebDataset shards (digits, ImageFolder, a generated corpus) or index a WebDataset corpus
   plan      dry run of a study: grid, steps, epochs, FLOPs, device-seconds and cost (no Ray)
   run       run a study on Ray Tune (embedded local Ray, or --address / $RAY_ADDRESS)
   resume    finish an interrupted study
@@ -51,6 +51,8 @@ def _models(args: argparse.Namespace) -> None:
 def _shards(args: argparse.Namespace) -> None:
     from workers.data.writer import shards_from_digits, shards_from_imagefolder
 
+    if args.samples_per_shard is None:  # bigger shards for the large generated corpus (fewer files to open)
+        args.samples_per_shard = 250 if args.source == "synthetic" else 25
     if args.source == "wds":  # an existing WebDataset corpus: index it in place, or --reshard it shuffled
         from workers.data.wds_index import index_webdataset, reshard
 
@@ -62,6 +64,15 @@ def _shards(args: argparse.Namespace) -> None:
                                              seed=args.seed, **labels)}
         else:
             manifests = {args.split: index_webdataset(args.root, args.out, args.split, **labels)}
+    elif args.source == "synthetic":
+        from workers.data.synthetic import shards_from_synthetic
+
+        if args.format == "jpeg":
+            raise SystemExit("mixer-study shards --from synthetic writes PNG shards; --format jpeg is for"
+                             " --from imagefolder")
+        manifests = shards_from_synthetic(args.out, seed=args.seed, size=args.size, image_size=args.image_size,
+                                          samples_per_shard=args.samples_per_shard,
+                                          num_pretrain=args.pretrain_classes, num_transfer=args.transfer_classes)
     elif args.source == "digits":
         if args.format == "jpeg":
             raise SystemExit("mixer-study shards --from digits writes square PNG shards; --format jpeg is for"
@@ -316,8 +327,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_models)
 
     p = verbs.add_parser("shards", help="write WebDataset shards")
-    p.add_argument("--from", dest="source", choices=["digits", "imagefolder", "wds"], default="digits",
-                   help="wds: an existing WebDataset corpus (--root pattern): writes only its manifest, or --reshard")
+    p.add_argument("--from", dest="source", choices=["digits", "imagefolder", "wds", "synthetic"],
+                   default="digits", help="wds: an existing WebDataset corpus (--root pattern): writes only its"
+                   " manifest, or --reshard; synthetic: the generated corpus (OUT/pretrain/{train,val}, OUT/transfer/"
+                   "{train,val,test}; README \"Synthetic corpus\")")
     p.add_argument("--root", help="ImageFolder root (class_name/*.jpg|png) for --from imagefolder; for --from wds the"
                    " shards' brace pattern, e.g. 's3://bucket/imagenet/train-{000000..001023}.tar'")
     p.add_argument("--split", default="train", help="--from wds: split name, the manifest goes to OUT/SPLIT/")
@@ -335,8 +348,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=["png", "jpeg"], default="png",
                    help="sample encoding: png (lossless) or jpeg (several times smaller for photos; imagefolder only)")
     p.add_argument("--jpeg-quality", type=int, default=95, help="JPEG quality 1..100 for --format jpeg")
-    p.add_argument("--samples-per-shard", type=int, default=25, help="samples per tar shard")
-    p.add_argument("--seed", type=int, default=0, help="seed of the shuffle (and of the train/val/test split)")
+    p.add_argument("--samples-per-shard", type=int, help="samples per tar shard (default 25; --from synthetic 250)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the shuffle (and of the train/val/test split); "
+                   "--from synthetic: of the images (the classes are fixed)")
+    p.add_argument("--size", type=int, default=32_000, help="--from synthetic: pre-training train images (val 10 %%"
+                   " of it; transfer 100/50/100 per class at 32,000, scaled down below)")
+    p.add_argument("--pretrain-classes", type=int, default=64, help="--from synthetic: pre-training classes")
+    p.add_argument("--transfer-classes", type=int, default=16,
+                   help="--from synthetic: transfer classes (no set of parts shared with pre-training)")
     p.set_defaults(func=_shards)
 
     p = verbs.add_parser("plan", help="dry run: the grid, steps, epochs, FLOPs, device-seconds and cost of a study")
