@@ -174,6 +174,7 @@ def _train(args: argparse.Namespace) -> None:
     # One trial = the study with a one-point grid of the --set overrides: same validation, same plan checks.
     raw = load_study(args.config).model_dump(mode="json")
     raw["grid"] = {key: [value] for key, value in _parse_overrides(args.set).items()}
+    raw.update(sweep={}, replicates=1)  # one run of the base recipe (with --set), not the study's sweep or seeds
     spec = parse_study(raw, source=f"{args.config} with --set {' '.join(args.set)}".strip())
     (plan,) = plan_study(spec)
     name = args.name or "train-" + plan.name

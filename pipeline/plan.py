@@ -27,7 +27,7 @@ from analysis.ledger import (
     planned_cost,
     runs_throughput,
 )
-from pipeline.spec import StudyError, StudySpec, trial_name
+from pipeline.spec import StudyError, StudySpec, TrialPoint, trial_name
 from pipeline.tracking import check_tracking, local_store_path, redact_url, resolve_tracking_uri
 from workers.config import TrialConfig, flatten
 from workers.data.fractions import class_counts, subset_size
@@ -40,14 +40,17 @@ from workers.names import (
     PLAN_DEVICE_SECONDS_TAG,
     PLAN_PRICE_TAG,
     PLAN_TRAIN_FLOPS_TAG,
+    SWEEP_SETTING_BASE,
+    SWEEP_SETTING_TAG,
 )
 from workers.training.throughput import device_kind
 
 
 @dataclass(frozen=True)
 class TrialPlan:
-    name: str                    # deterministic, from the grid point: also the MLflow child run's name
-    point: dict[str, Any]        # the grid coordinates (resolved values, e.g. B/16 -> B-16)
+    name: str                    # deterministic, from the grid point, setting, seed: also the MLflow child run's name
+    point: dict[str, Any]        # the trial's coordinates (resolved values, e.g. B/16 -> B-16): the grid point, then
+    #                              its sweep setting and seed where the study has them (the run's label and tag)
     config: TrialConfig
     image_size: int
     num_classes: int
@@ -55,10 +58,19 @@ class TrialPlan:
     epochs: float                # passes over that subset in `steps` steps
     forward_gflops: float        # per image
     train_flops: float           # 3 x forward x images seen
+    setting: dict[str, Any] = field(default_factory=dict)  # the family's sweep setting; {} = the base recipe
+    seed: int | None = None      # the replicate's train.seed; None with one replicate
 
     @property
     def images_seen(self) -> int:
         return self.config.train.steps * self.config.train.batch_size
+
+    @property
+    def tags(self) -> dict[str, str]:
+        """The MLflow tags that place the trial in its study beyond the grid point: its sweep setting (analysis
+        groups the replicates of a setting and selects a setting per grid point on them)."""
+        text = ",".join(f"{key}={value}" for key, value in self.setting.items())  # as mixer.grid_point spells it
+        return {SWEEP_SETTING_TAG: text or SWEEP_SETTING_BASE}
 
 
 @lru_cache(maxsize=64)
@@ -66,16 +78,26 @@ def _manifest(url: str) -> Manifest:
     return load_manifest(url)
 
 
-def _field_manifest(field: str, url: str, study: str, point: dict[str, Any]) -> Manifest:
-    """The manifest the recipe field ``field`` (e.g. "data.train") points at; StudyError naming the field if it
-    cannot be read (missing, unreadable, not a manifest)."""
+def _field_manifest(field: str, url: str, study: str, trial: str) -> Manifest:
+    """The manifest the recipe field ``field`` (e.g. "data.train") points at; StudyError naming the field, the study
+    and the ``trial`` if it cannot be read (missing, unreadable, not a manifest)."""
     try:
         return _manifest(url)
     except (OSError, ValueError) as error:
         message = str(error)
         if isinstance(error, FileNotFoundError):  # "no data-set manifest at URL ...": say it as the field's fault
             message = message.replace("no data-set manifest at", "no manifest at", 1)
-        raise StudyError(f"{field}: {message} (study {study}, trial {trial_name(point)})") from None
+        raise StudyError(f"{field}: {message} (study {study}, trial {trial})") from None
+
+
+def _trial_name(trial: TrialPoint, flat: dict[str, Any]) -> str:
+    """The trial's name from its resolved values (B/16 -> B-16).
+
+    Args:
+        trial: where the trial sits in the study.
+        flat: its flattened recipe (workers.config.flatten).
+    """
+    return trial_name({key: flat[key] for key in trial.grid}, {key: flat[key] for key in trial.setting}, trial.seed)
 
 
 def _check_fewshot_classes(config: TrialConfig, manifest: Manifest, trial: str) -> None:
@@ -117,31 +139,32 @@ def _check_finetune_resolution(config: TrialConfig, variant, image_size: int, tr
 def plan_study(spec: StudySpec) -> list[TrialPlan]:
     """Expand the grid and compute each trial's accounting. Reads the data manifests (small JSON files)."""
     plans = []
-    for raw_point in spec.grid_points():
-        config = spec.trial_config(raw_point)
+    for trial in spec.trial_points():
+        config = spec.trial_config(trial.overrides)
         flat = flatten(config)
-        point = {key: flat[key] for key in raw_point}
-        manifest = _field_manifest("data.train", config.data.train, spec.name, point)
-        _field_manifest("data.val", config.data.val, spec.name, point)
+        point = {key: flat[key] for key in trial.overrides}
+        name = _trial_name(trial, flat)
+        manifest = _field_manifest("data.train", config.data.train, spec.name, name)
+        _field_manifest("data.val", config.data.val, spec.name, name)
         if config.fewshot.enabled:
-            fewshot_train = _field_manifest("fewshot.train", config.fewshot.train, spec.name, point)
-            _field_manifest("fewshot.test", config.fewshot.test, spec.name, point)
-            _check_fewshot_classes(config, fewshot_train, trial_name(point))
+            fewshot_train = _field_manifest("fewshot.train", config.fewshot.train, spec.name, name)
+            _field_manifest("fewshot.test", config.fewshot.test, spec.name, name)
+            _check_fewshot_classes(config, fewshot_train, name)
         variant = get_variant(config.model.variant)
         image_size = config.data.image_size or manifest.image_size
         if not image_size:
             raise StudyError(f"data.image_size: required, because {manifest.url} holds images of varying size "
                              "(its manifest has no image_size)")
         if config.finetune.enabled:
-            _field_manifest("finetune.train", config.finetune.train, spec.name, point)
-            _field_manifest("finetune.test", config.finetune.test, spec.name, point)
+            _field_manifest("finetune.train", config.finetune.train, spec.name, name)
+            _field_manifest("finetune.test", config.finetune.test, spec.name, name)
             if config.finetune.val:
-                _field_manifest("finetune.val", config.finetune.val, spec.name, point)
-            _check_finetune_resolution(config, variant, image_size, trial_name(point))
+                _field_manifest("finetune.val", config.finetune.val, spec.name, name)
+            _check_finetune_resolution(config, variant, image_size, name)
         if config.data.permute != "none" and image_size % config.data.permute_patch:
             raise StudyError(
                 f"data.permute_patch: {config.data.permute_patch} does not divide the image size {image_size} of "
-                f"trial {trial_name(point)}: the 'patches' permutation needs whole patches")
+                f"trial {name}: the 'patches' permutation needs whole patches")
         try:
             check_fits(variant, image_size)  # each family's rule: whole patches (Mixer, ViT), total stride (BiT)
         except ValueError as error:
@@ -151,14 +174,14 @@ def plan_study(spec: StudySpec) -> list[TrialPlan]:
         slots = spec.resources.workers_per_trial * max(1, config.data.loader_workers)
         if n_train < slots:
             raise StudyError(
-                f"trial {trial_name(point)}: data.fraction {config.data.fraction} selects {n_train} training "
+                f"trial {name}: data.fraction {config.data.fraction} selects {n_train} training "
                 f"sample(s), fewer than the {slots} readers (workers_per_trial x data.loader_workers): every reader "
                 "needs at least one sample; raise data.fraction or lower the workers"
             )
         images_seen = config.train.steps * config.train.batch_size
         plans.append(
             TrialPlan(
-                name=trial_name(point),
+                name=name,
                 point=point,
                 config=config,
                 image_size=image_size,
@@ -167,6 +190,8 @@ def plan_study(spec: StudySpec) -> list[TrialPlan]:
                 epochs=images_seen / n_train,
                 forward_gflops=forward_flops(variant, image_size, manifest.num_classes) / 1e9,
                 train_flops=float(train_flops_per_image(variant, image_size, manifest.num_classes)) * images_seen,
+                setting={key: flat[key] for key in trial.setting},
+                seed=trial.seed,
             )
         )
     names = [p.name for p in plans]
@@ -327,20 +352,38 @@ def format_ledger(plans: list[TrialPlan], costs: list[PlannedCost], calibration:
     return "\n".join(lines)
 
 
+def _trial_count(spec: StudySpec, plans: list[TrialPlan]) -> str:
+    """``24 trial(s) = 4 grid point(s) x sweep settings (Mixer 2, ViT 4) x 3 replicate(s)``; without a sweep or
+    replicates just ``4 trial(s)``."""
+    if not spec.sweep and spec.replicates == 1:
+        return f"{len(plans)} trial(s)"
+    settings = (" x sweep settings (" + ", ".join(f"{family} {len(spec.sweep_settings(family))}"
+                                                    for family in spec.sweep) + "; other families 1)"
+                if spec.sweep else "")
+    return (f"{len(plans)} trial(s) = {len(spec.grid_points())} grid point(s){settings} x {spec.replicates} "
+            "replicate(s)")
+
+
 def format_plan(spec: StudySpec, plans: list[TrialPlan]) -> str:
-    """The dry-run table: one line per trial and the totals."""
+    """The dry-run table: one line per trial and the totals.
+
+    Args:
+        spec: the study.
+        plans: :func:`plan_study`.
+    """
     r = spec.resources
+    width = max([40, *(len(p.name) for p in plans)])
     lines = [
-        f"study {spec.name}: {len(plans)} trial(s), {r.workers_per_trial} worker(s) x {r.cpus_per_worker} CPU"
+        f"study {spec.name}: {_trial_count(spec, plans)}, {r.workers_per_trial} worker(s) x {r.cpus_per_worker} CPU"
         + (f" + {r.gpus_per_worker} GPU" if r.gpus_per_worker else "")
         + f" per trial; experiment '{spec.experiment}'",
-        f"{'trial':<40} {'variant':>8} {'px':>4} {'fraction':>8} {'subset':>8} {'steps':>7} {'batch':>6} "
+        f"{'trial':<{width}} {'variant':>8} {'px':>4} {'fraction':>8} {'subset':>8} {'steps':>7} {'batch':>6} "
         f"{'epochs':>8} {'GFLOPs/img':>10} {'train FLOPs':>12}",
     ]
     for p in plans:
         c = p.config
         lines.append(
-            f"{p.name:<40} {c.model.variant:>8} {p.image_size:>4} {c.data.fraction:>8.3g} {p.train_images:>8} "
+            f"{p.name:<{width}} {c.model.variant:>8} {p.image_size:>4} {c.data.fraction:>8.3g} {p.train_images:>8} "
             f"{c.train.steps:>7} {c.train.batch_size:>6} {p.epochs:>8.1f} {p.forward_gflops:>10.4g} "
             f"{p.train_flops:>12.3e}"
         )

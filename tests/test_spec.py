@@ -10,6 +10,7 @@ import pytest
 from pipeline.plan import format_plan, plan_study
 from pipeline.spec import StudyError, load_study, parse_study, trial_name
 from tests.conftest import REPO, cli_env, run_cli, study_dict, write_study
+from workers import names
 from workers.data.fractions import fraction_slices
 from workers.data.manifest import load_manifest
 
@@ -52,6 +53,18 @@ def test_shipped_studies_validate(path: Path) -> None:
         ({"finetune": {"val": "x/val"}}, "finetune.val is given without finetune.train"),
         ({"finetune": {"train": "x/train", "test": "x/test", "val": "x/test/", "warmup_steps": 1}},
          "finetune.val is the test split"),
+        ({"sweep": {"Mixr": {"optim.lr": [0.001]}}},
+         "sweep.Mixr: unknown model family (did you mean 'Mixer'?); allowed: Mixer, ViT, BiT"),
+        ({"sweep": {"Mixer": {"optim.lrr": [0.001]}}}, "sweep.Mixer.optim.lrr: not a recipe field (did you mean"),
+        ({"sweep": {"ViT": {"optim.lr": []}}}, "sweep.ViT.optim.lr is an empty list"),
+        ({"sweep": {"ViT": {}}}, "sweep.ViT sweeps no field"),
+        ({"sweep": {"BiT": {"optim.lr": [0.01, -1]}}}, "sweep.BiT.optim.lr[1] -> optim.lr: Input should be greater"),
+        ({"grid": {"optim.lr": [0.01]}, "sweep": {"Mixer": {"optim.lr": [0.001]}}},
+         "sweep.Mixer.optim.lr: also a grid"),
+        ({"sweep": {"Mixer": {"train.seed": [1, 2]}}}, "sweep.Mixer.train.seed: the seed is not a recipe setting"),
+        ({"sweep": {"Mixer": {"model.variant": ["Micro-4"]}}}, "put model variants in the grid"),
+        ({"replicates": 0}, "replicates: Input should be greater than or equal to 1 (got 0)"),
+        ({"grid": {"train.seed": [0, 1]}, "replicates": 2}, "grid.train.seed: the grid sets the seed and replicates"),
     ],
 )
 def test_bad_fields_name_the_field(tmp_path: Path, change: dict, expected: str) -> None:
@@ -106,6 +119,42 @@ def test_trial_names_are_deterministic() -> None:
     assert trial_name({"model.variant": "B-16", "data.fraction": 0.1}) == "variant=B-16,fraction=0.1"
     assert trial_name({"data.fraction": 0.1, "fewshot.fraction": 1}) == "data.fraction=0.1,fewshot.fraction=1"
     assert trial_name({}) == "base"
+    point = {"model.variant": "B-16", "data.fraction": 0.1}
+    assert (trial_name(point, {"optim.lr": 0.003, "optim.weight_decay": 0.0001}, 1)
+            == "variant=B-16,fraction=0.1-lr0.003-wd0.0001-s1")
+    assert trial_name({}, {"optim.lr": 1e-3}, None) == "base-lr0.001"
+
+
+def test_sweep_per_family_crossed_with_grid_and_replicates(digits16: Path) -> None:
+    grid = {"model.variant": ["Nano-4", "ViT-Nano/4", "BiT-Micro"], "data.fraction": [0.3, 1.0]}
+    sweep = {"Mixer": {"optim.lr": [0.001, 0.003]}, "ViT": {"optim.lr": [0.001, 0.003],
+                                                            "optim.weight_decay": [0.0001, 0.03]}}
+    spec = parse_study(study_dict("sweep", digits16, grid=grid, sweep=sweep, replicates=3, train={"seed": 7}))
+    plans = plan_study(spec)
+    # Mixer 2 settings, ViT 4, BiT (no entry) the base recipe; each point x setting 3 times.
+    assert len(plans) == 2 * (2 + 4 + 1) * 3 and len({p.name for p in plans}) == len(plans)
+    by_name = {p.name: p for p in plans}
+    vit = by_name["variant=ViT-Nano_4,fraction=0.3-lr0.003-wd0.03-s8"]
+    assert (vit.config.optim.lr, vit.config.optim.weight_decay, vit.config.train.seed) == (0.003, 0.03, 8)
+    assert vit.setting == {"optim.lr": 0.003, "optim.weight_decay": 0.03} and vit.seed == 8
+    assert vit.tags == {names.SWEEP_SETTING_TAG: "optim.lr=0.003,optim.weight_decay=0.03"}
+    assert vit.point == {"model.variant": "ViT-Nano/4", "data.fraction": 0.3, "optim.lr": 0.003,
+                         "optim.weight_decay": 0.03, "train.seed": 8}
+    bit = [p for p in plans if p.config.model.variant == "BiT-Micro" and p.config.data.fraction == 0.3]
+    assert [p.name for p in bit] == [f"variant=BiT-Micro,fraction=0.3-s{seed}" for seed in (7, 8, 9)]
+    assert {p.config.optim.lr for p in bit} == {spec.base.optim.lr}
+    assert bit[0].tags == {names.SWEEP_SETTING_TAG: names.SWEEP_SETTING_BASE}
+    table = format_plan(spec, plans)
+    assert "42 trial(s) = 6 grid point(s) x sweep settings (Mixer 2, ViT 4; other families 1) x 3 replicate(s)" in table
+
+
+def test_study_without_sweep_or_replicates_plans_as_before(digits16: Path) -> None:
+    spec = parse_study(study_dict("plain", digits16, grid={"data.fraction": [0.3, 1.0]}, train={"seed": 5}))
+    plans = plan_study(spec)
+    assert [p.name for p in plans] == ["fraction=0.3", "fraction=1.0"]
+    assert [p.point for p in plans] == [{"data.fraction": 0.3}, {"data.fraction": 1.0}]
+    assert {p.config.train.seed for p in plans} == {5} and all(p.seed is None and not p.setting for p in plans)
+    assert format_plan(spec, plans).startswith("study plain: 2 trial(s), ")
 
 
 def test_demo_study_plans_the_paper_design(digits16: Path, tmp_path: Path, monkeypatch) -> None:

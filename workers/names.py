@@ -219,6 +219,11 @@ TRIAL_TAG = "mixer.trial"
 ROLE_TAG = "mixer.role"  # one of the ROLE_* values below
 ATTEMPTS_TAG = "mixer.attempts"  # how many times the trial started (1 + retries + resumes)
 GRID_POINT_TAG = "mixer.grid_point"
+# The trial's per-family recipe sweep setting (pipeline.spec ``sweep``), spelt like the grid point
+# ("optim.lr=0.003,optim.weight_decay=0.0001"), or SWEEP_SETTING_BASE where its family sweeps nothing; analysis
+# groups a setting's replicates (param train.seed) and keeps one setting per grid point on upstream validation.
+SWEEP_SETTING_TAG = "mixer.sweep_setting"
+SWEEP_SETTING_BASE = "base"
 GIT_COMMIT_TAG = "mixer.git_commit"
 BEST_CHECKPOINT_TAG = "checkpoint.best"
 TRAIN_RUN_TAG = "ray.train_run"
