@@ -30,6 +30,7 @@ from pipeline.lock import StudyLock
 from pipeline.plan import Calibration, TrialPlan, calibrate, plan_costs, plan_study, plan_tags
 from pipeline.progress import StudyProgress
 from pipeline.spec import StudyError, StudySpec, parse_study
+from pipeline.throughput_table import prepare_throughput_table
 from pipeline.tracking import (
     connect_tracking,
     experiment_id,
@@ -137,7 +138,7 @@ def default_concurrency(spec: StudySpec, fit: int) -> int:
 def _jobs(spec: StudySpec, plans: list[TrialPlan], tracking_uri: str, storage: str, parent_run_id: str,
           costs: list[PlannedCost], calibration: Calibration) -> list[dict]:
     return [make_job(spec, p.name, p.config, p.point, tracking_uri=tracking_uri, storage=storage,
-                     parent_run_id=parent_run_id, planned={**plan_tags(cost, calibration), **p.tags})
+                     parent_run_id=parent_run_id, planned=plan_tags(cost, calibration))
             for p, cost in zip(plans, costs)]
 
 
@@ -200,6 +201,8 @@ def _start_or_continue(spec: StudySpec, plans: list[TrialPlan], *, address: str 
     write(f"study {spec.name}: {len(plans)} trials, up to {concurrency} at once ({fit} fit the resources); "
           f"MLflow {tracking_uri} (experiment '{spec.experiment}'); storage {redact_url(study_dir)}")
     write(f"Ray logs: {ray_logs_dir()}")
+    # Before any trial trains, so the inference throughput has its cores to itself (pipeline.throughput_table).
+    prepare_throughput_table(spec, plans, tracking_uri, write)
     tuner = tune.Tuner(
         _trainable(),
         param_space={"job": tune.grid_search(_jobs(spec, plans, tracking_uri, storage, parent, costs, calibration))},

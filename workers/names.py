@@ -63,6 +63,13 @@ PERF_FINETUNE_IMG_PER_S = "perf/finetune_img_per_s"
 PERF_MFU = "perf/mfu"
 PERF_IMG_PER_S_PER_CORE = "perf/img_per_s_per_core"  # inference (paper Fig. 3 right)
 PERF_BEST_BATCH_SIZE = "perf/best_batch_size"  # the inference batch size that gave it
+# The throughput table's (pipeline.throughput_table): (max - min) / median of the repetitions its figure is the
+# median of; a trial that logs the table's figure logs this too. Min, max, repetitions and stability: table runs only.
+PERF_IMG_PER_S_PER_CORE_SPREAD = "perf/img_per_s_per_core_spread"
+PERF_IMG_PER_S_PER_CORE_MIN = "perf/img_per_s_per_core_min"
+PERF_IMG_PER_S_PER_CORE_MAX = "perf/img_per_s_per_core_max"
+PERF_THROUGHPUT_REPETITIONS = "perf/throughput_repetitions"
+PERF_THROUGHPUT_STABLE = "perf/throughput_stable"  # 1: the last repetitions met the tolerance; 0: a cap stopped it
 
 # -- time/: wall-clock marks of a trial (unix seconds), for analysis.timeline; MLflow tags, not metrics ---------
 
@@ -155,6 +162,8 @@ TIME_PREFIX = "time/"
 SUMMARY_PREFIXES = (BEST_PREFIX, COMPUTE_PREFIX, FEWSHOT_PREFIX)
 SUMMARY_METRICS = frozenset({
     PERF_TRAIN_IMG_PER_S_PER_CORE, PERF_MFU, PERF_IMG_PER_S_PER_CORE, PERF_BEST_BATCH_SIZE,
+    PERF_IMG_PER_S_PER_CORE_SPREAD, PERF_IMG_PER_S_PER_CORE_MIN, PERF_IMG_PER_S_PER_CORE_MAX,
+    PERF_THROUGHPUT_REPETITIONS, PERF_THROUGHPUT_STABLE,
     FINETUNE_TOP1, FINETUNE_TEST_LOSS, FINETUNE_VAL_TOP1, FINETUNE_VAL_LOSS, FINETUNE_IMAGE_SIZE, FINETUNE_BEST_LR,
 })
 # A fine-tuning sweep's runs log into the trial's run with a suffix ``_lr<lr>`` (pipeline.finetune_sweep), and
@@ -233,6 +242,20 @@ FINETUNE_CHECKPOINT_TAG = "finetune.checkpoint"
 PRECISION_RESOLVED_TAG = "train.precision_resolved"
 COMPILE_RESOLVED_TAG = "train.compile_resolved"
 DEVICE_KIND_TAG = "mixer.device_kind"  # what rank 0 trained on: "cpu:<CPU model>" or "cuda:<GPU name>"
+# Where a trial's perf/img_per_s_per_core came from: THROUGHPUT_FROM_TABLE (then PERF_THROUGHPUT_RUN_TAG names the
+# table run) or THROUGHPUT_FROM_TRIAL (measured once inside the trial: the table had no entry).
+PERF_THROUGHPUT_SOURCE_TAG = "perf.throughput_source"
+PERF_THROUGHPUT_RUN_TAG = "perf.throughput_run"
+THROUGHPUT_FROM_TABLE = "table"
+THROUGHPUT_FROM_TRIAL = "trial"
+# The throughput table: one run per (key, device kind) in this experiment of the tracking store, its key as tags
+# (workers.training.throughput.ThroughputKey) beside DEVICE_KIND_TAG and ROLE_TAG = ROLE_THROUGHPUT.
+THROUGHPUT_EXPERIMENT = "mixer-study-throughput"
+THROUGHPUT_VARIANT_TAG = "throughput.variant"
+THROUGHPUT_IMAGE_SIZE_TAG = "throughput.image_size"
+THROUGHPUT_NUM_CLASSES_TAG = "throughput.num_classes"
+THROUGHPUT_PRECISION_TAG = "throughput.precision"
+THROUGHPUT_THREADS_TAG = "throughput.threads"  # CPU threads of one trial worker; 0: one GPU
 # The plan's prediction for a trial (pipeline.plan), tagged at its first start; "unknown" where it had none.
 PLAN_TRAIN_FLOPS_TAG = "plan.train_flops"
 PLAN_DEVICE_SECONDS_TAG = "plan.device_seconds"
@@ -244,3 +267,4 @@ PLAN_CALIBRATION_TAG = "plan.calibration"  # where its throughput came from (ear
 ROLE_STUDY = "study"  # the study's parent run
 ROLE_TRIAL = "trial"  # a grid point of a study (what analysis.results reads)
 ROLE_TRAIN = "train"  # a one-off `mixer-study train` run
+ROLE_THROUGHPUT = "throughput"  # a throughput table run (THROUGHPUT_EXPERIMENT)

@@ -28,15 +28,13 @@ from workers.models.registry import build_model
 from workers.names import (
     COMPILE_RESOLVED_TAG,
     DEVICE_KIND_TAG,
-    PERF_BEST_BATCH_SIZE,
-    PERF_IMG_PER_S_PER_CORE,
     PERF_MFU,
     PRECISION_RESOLVED_TAG,
 )
 from workers.training.checkpoint import load_model, read_state, write_checkpoint
 from workers.training.finetuner import FineTuner
 from workers.training.loop import ReportFn, StepLoop
-from workers.training.throughput import device_kind, inference_throughput, peak_flops
+from workers.training.throughput import device_kind, peak_flops, trial_throughput
 from workers.training.trainer import Trainer
 
 log = logging.getLogger(__name__)
@@ -91,10 +89,13 @@ def _train(trial: TrialConfig, config: dict[str, Any], rank: int, world_size: in
     if tracker:
         metrics = {PERF_MFU: mfu(trainer, peak_flops(device, trainer.precision, cores))}
         if config.get("measure_throughput", True):
-            # Inference throughput (paper Fig. 3 right): rank 0 only, after training, with this worker's cores.
-            best, batch = inference_throughput(trainer.module, precision=trainer.precision, device=device)
-            metrics.update({PERF_IMG_PER_S_PER_CORE: best / (cores if device.type == "cpu" else 1),
-                            PERF_BEST_BATCH_SIZE: batch})
+            # Inference throughput (paper Fig. 3 right): the throughput table's figure, measured with its cores to
+            # itself before the study's trials started (pipeline.throughput_table), else measured here, on rank 0.
+            figures, tags = trial_throughput(trainer.module, trainer.precision, device, cores,
+                                             config["mlflow"]["tracking_uri"])
+            metrics.update(figures)
+            for key, value in tags.items():
+                tracker.set_tag(key, value)
         tracker.log(metrics, trial.train.steps)
     if tracker and evaluate_best is not None:
         # Rank 0 logs the evaluation to the trial's MLflow run, the driver reads it back from there: Ray Train's
