@@ -138,7 +138,7 @@ def default_concurrency(spec: StudySpec, fit: int) -> int:
 def _jobs(spec: StudySpec, plans: list[TrialPlan], tracking_uri: str, storage: str, parent_run_id: str,
           costs: list[PlannedCost], calibration: Calibration) -> list[dict]:
     return [make_job(spec, p.name, p.config, p.point, tracking_uri=tracking_uri, storage=storage,
-                     parent_run_id=parent_run_id, planned=plan_tags(cost, calibration))
+                     parent_run_id=parent_run_id, planned={**plan_tags(cost, calibration), **p.tags})
             for p, cost in zip(plans, costs)]
 
 
