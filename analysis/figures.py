@@ -25,6 +25,7 @@ from matplotlib.patches import Patch
 from matplotlib.ticker import NullFormatter
 
 from analysis.pareto import pareto_front
+from analysis.replicates import CI_SUFFIX
 from workers.models.registry import FAMILIES, Variant, get_variant
 
 logger = logging.getLogger(__name__)
@@ -152,6 +153,15 @@ def _values(df: pd.DataFrame, col: str) -> np.ndarray:
     return df[col].to_numpy(dtype=float) * scale
 
 
+def _errors(df: pd.DataFrame, col: str) -> np.ndarray | None:
+    """The 95 % half-widths over seeds of a plotted column (``<col>_ci``, analysis.replicates), in its plotted unit;
+    None where no point has one (one seed per point: the figure looks as it does without replicates)."""
+    if col + CI_SUFFIX not in df.columns:
+        return None
+    err = _values(df.assign(**{col: pd.to_numeric(df[col + CI_SUFFIX], errors="coerce")}), col)
+    return err if np.isfinite(err).any() else None
+
+
 def _select(
     df: pd.DataFrame, numeric: Sequence[str], log: Sequence[str] = (), key: str = "variant"
 ) -> tuple[pd.DataFrame, str | None]:
@@ -200,6 +210,13 @@ def _finish(ax: Axes, x: str, y: str) -> None:
     ax.legend(fontsize="small")
 
 
+def _error_bars(ax: Axes, rows: pd.DataFrame, x: str, y: str, colour: str) -> None:
+    """Vertical 95 % error bars over seeds at the plotted points, where the rows have them."""
+    err = _errors(rows, y)
+    if err is not None:
+        ax.errorbar(rows[x], _values(rows, y), yerr=err, fmt="none", ecolor=colour, capsize=2, lw=1, zorder=2)
+
+
 def _note(ax: Axes, message: str) -> None:
     """Replace a plot that has no data by the reason, in words."""
     logger.warning("%s: %s", ax.get_title() or ax.figure.get_suptitle(), message)
@@ -235,6 +252,7 @@ def _build_fig2_left(df: pd.DataFrame, quality: str, cost: str) -> Figure:
         return fig
     for variant, rows in _groups(data, "variant"):
         ax.scatter(rows[cost], _values(rows, quality), label=variant, zorder=3, **_style(variant))
+        _error_bars(ax, rows, cost, quality, _style(variant)["color"])
     front = pareto_front(data, cost, quality)
     ax.plot(front[cost], _values(front, quality), "k--", lw=1, label="Pareto frontier", zorder=2)
     _finish(ax, cost, quality)
@@ -256,6 +274,10 @@ def _build_fig2_right(df: pd.DataFrame, quality: str) -> Figure:
     for variant, rows in _groups(data, "variant"):
         rows = rows.sort_values(size, kind="stable")
         ax.plot(rows[size], _values(rows, quality), label=variant, linestyle=_linestyle(variant), **_style(variant))
+        err = _errors(rows, quality)
+        if err is not None:  # the 95 % band over seeds
+            y = _values(rows, quality)
+            ax.fill_between(rows[size], y - err, y + err, color=_style(variant)["color"], alpha=0.2, linewidth=0)
     _finish(ax, size, quality)
     return fig
 
@@ -287,6 +309,7 @@ def _build_fig3(df: pd.DataFrame, quality: str) -> Figure:
                     label=family, zorder=2)
         for variant, rows in _groups(data, "variant"):
             ax.scatter(rows[x], _values(rows, quality), label=variant, zorder=3, **_style(variant))
+            _error_bars(ax, rows, x, quality, _style(variant)["color"])
         _finish(ax, x, quality)
     return fig
 
@@ -332,9 +355,12 @@ def _build_fig4(df: pd.DataFrame, quality: str) -> Figure:
     axes = fig.subplots(1, len(groups), sharey=True, squeeze=False)[0]
     for ax, (variant, rows) in zip(axes, groups):
         # One panel per model, as the paper's (Mixer-B/16 | BiT-R50x1); one bar per pipeline: the mean over the
-        # model's trials of that pipeline (error bar: their min..max when there are several).
+        # model's trials of that pipeline (error bar: their min..max when there are several, else the 95 %
+        # interval over seeds where the row has one).
         ax.set_title(str(variant))
         values = pd.Series(_values(rows, quality), index=rows["permute"].to_numpy())
+        half_widths = _errors(rows, quality)
+        errors = pd.Series(np.nan if half_widths is None else half_widths, index=values.index)
         original = values.get("none")
         reference = float(np.mean(original)) if original is not None else None
         for x, pipeline in enumerate(pipelines):
@@ -343,7 +369,8 @@ def _build_fig4(df: pd.DataFrame, quality: str) -> Figure:
                 continue
             v = np.atleast_1d(values.loc[pipeline]).astype(float)
             mean = float(v.mean())
-            err = [[mean - v.min()], [v.max() - mean]] if len(v) > 1 else None
+            ci = float(np.atleast_1d(errors.loc[pipeline])[0])
+            err = [[mean - v.min()], [v.max() - mean]] if len(v) > 1 else ([[ci], [ci]] if np.isfinite(ci) else None)
             colour = PERMUTE_PIPELINES.get(pipeline, (pipeline, pipeline, _spare(pipeline, _SPARE_COLOURS)))[2]
             bars = ax.bar(x, mean, width=0.7, color=colour, yerr=err, capsize=3)
             # Relative change to the original images (the paper: pixels -45 % Mixer, -75 % ResNet).
@@ -511,14 +538,23 @@ def results_table(df: pd.DataFrame, out_dir: str | Path) -> list[Path]:
     """Table-3-style summary, sorted by variant (model size) then fraction.
 
     Writes `table3.csv` (source column names, raw values, accuracies in [0, 1])
-    and `table3.md` (formatted; "–" where a value is missing).
+    and `table3.md` (formatted; "–" where a value is missing). Rows summarised over seeds (analysis.replicates)
+    show mean ± the 95 % interval (`<col>_ci` in the CSV), their seeds (n) and, where a sweep chose among
+    settings, the kept one.
     """
+    spec = list(_TABLE)
+    if "kept" in df.columns and (df["kept"].fillna("base") != "base").any():
+        spec.insert(3, ("kept", "kept setting", str))
+    if "n" in df.columns and (df["n"] > 1).any():
+        spec.insert(3, ("n", "seeds", _fmt_int))
     table = pd.DataFrame(index=df.index)
-    for col, _, _ in _TABLE:
-        if col == "variant":
+    for col, _, _ in spec:
+        if col in ("variant", "kept"):
             table[col] = df[col].astype(str) if col in df.columns else "?"
         else:
             table[col] = pd.to_numeric(df[col], errors="coerce") if col in df.columns else np.nan
+    intervals = [col for col, _, _ in spec if col + CI_SUFFIX in df.columns and df[col + CI_SUFFIX].notna().any()]
+    table = table.assign(**{col + CI_SUFFIX: pd.to_numeric(df[col + CI_SUFFIX], errors="coerce") for col in intervals})
     rank = {v: i for i, v in enumerate(sorted(table["variant"].unique(), key=_variant_key))}
     table = (
         table.assign(_rank=table["variant"].map(rank))
@@ -532,13 +568,17 @@ def results_table(df: pd.DataFrame, out_dir: str | Path) -> list[Path]:
     table.to_csv(csv_path, index=False)
 
     lines = [
-        "| " + " | ".join(header for _, header, _ in _TABLE) + " |",
-        "|" + "|".join("---" if col == "variant" else "---:" for col, _, _ in _TABLE) + "|",
+        "| " + " | ".join(header for _, header, _ in spec) + " |",
+        "|" + "|".join("---" if col in ("variant", "kept") else "---:" for col, _, _ in spec) + "|",
     ]
     for _, row in table.iterrows():
-        cells = ["–" if pd.isna(row[col]) else fmt(row[col]) for col, _, fmt in _TABLE]
+        cells = ["–" if pd.isna(row[col]) else fmt(row[col])
+                 + (f" ± {fmt(row[col + CI_SUFFIX])}" if np.isfinite(row.get(col + CI_SUFFIX, np.nan)) else "")
+                 for col, _, fmt in spec]
         lines.append("| " + " | ".join(cells) + " |")
     if table.empty:
         lines.append("\nNo trials in the results yet.")
+    elif intervals:
+        lines.append("\nMean ± 95 % Student-t interval over the seeds (none where a point has one seed).")
     md_path.write_text("\n".join(lines) + "\n")
     return [md_path, csv_path]

@@ -1,6 +1,10 @@
 """``mixer-study report``: a study's MLflow runs -> results table (CSV, parquet, markdown), the compute ledger
 (planned vs actual, analysis.ledger) and the paper's figures, each also logged as an artifact of the study's parent
-MLflow run (the ledger's totals as its ``ledger/*`` metrics)."""
+MLflow run (the ledger's totals as its ``ledger/*`` metrics).
+
+Where a study sweeps a recipe per family or replicates its points over seeds, the table and figures show, per grid
+point, the setting kept on upstream validation (analysis.replicates.select_recipe; ``recipe_selection.md`` lists
+every setting's validation accuracy) and its mean with the 95 % interval over seeds."""
 
 from __future__ import annotations
 
@@ -17,6 +21,7 @@ from mlflow.tracking import MlflowClient
 
 from analysis import figures
 from analysis.ledger import ledger_metrics, ledger_table, ledger_totals, write_ledger
+from analysis.replicates import select_recipe, summarize
 from analysis.results import export, load_study
 from analysis.scaling_report import scaling_metrics, write_scaling
 from workers.names import ROLE_STUDY, ROLE_TAG, SCALING_INPUT_SHA256_TAG, STUDY_TAG
@@ -77,8 +82,14 @@ def build_report(tracking_uri: str, study: str, out_dir: str | Path, experiment:
     ledger = ledger_table(df)  # planned vs actual compute per trial, and the study's total
     totals = ledger_totals(ledger)
     paths += write_ledger(ledger, totals, out_dir)
+    # One recipe per grid point, chosen on upstream validation over the finished trials; then mean and 95 % interval
+    # over its seeds (a point with one trial is that trial's numbers).
+    kept, choice = select_recipe(finished)
+    if choice.groupby("grid_point").size().max() > 1:  # a sweep chose among settings: say what it saw and kept
+        paths += write_selection(choice, out_dir)
+    summary = summarize(kept)
     # Fig. 2, Fig. 3, Table 3 and Fig. 5 compare models on the original images; permuted pipelines only in Fig. 4.
-    original = finished[finished["permute"].fillna("none") == "none"]
+    original = summary[summary["permute"].fillna("none") == "none"]
     paths += figures.results_table(original, out_dir)
     # The paper's Fig. 2 left / Fig. 3 accuracy is top-1 after fine-tuning; linear 5-shot where no trial fine-tuned
     # (each figure's title and file name say which).
@@ -87,8 +98,8 @@ def build_report(tracking_uri: str, study: str, out_dir: str | Path, experiment:
     paths += figures.fig2_right(original, out_dir)
     paths += figures.fig3(model_scale_rows(original), out_dir, quality=downstream)
     if finished["permute"].fillna("none").nunique() > 1:  # a permutation study (data.permute in the grid): Fig. 4
-        paths += figures.fig4_permutation(finished, out_dir)
-    row = _checkpoint_for_fig5(original)
+        paths += figures.fig4_permutation(summary, out_dir)
+    row = _checkpoint_for_fig5(kept[kept["permute"].fillna("none") == "none"])
     if row is None:
         log.warning("Fig. 5 skipped: no best checkpoint among the finished trials")
     else:
@@ -100,11 +111,38 @@ def build_report(tracking_uri: str, study: str, out_dir: str | Path, experiment:
             title = f"Token-mixing weights, first {len(weights)} blocks of {variant} ({row['trial']})"
             paths += figures.fig5_token_mixing(weights, out_dir, title=title)
     _log_artifacts(tracking_uri, study, experiment or study, paths, ledger_metrics(totals))
+    # The fits read the kept settings' trials (and every trial of a point where none finished to choose on).
+    keys = df["grid_point"] + "\n" + df["setting"]
+    chosen = choice.loc[choice["kept"], "grid_point"] + "\n" + choice.loc[choice["kept"], "setting"]
+    fit_rows = df[keys.isin(chosen) | ~df["grid_point"].isin(choice["grid_point"])]
     try:  # a grid that supports no law still gets scaling.md saying why; only a study without accuracies has none
-        paths += fit_study(tracking_uri, study, out_dir / "scaling", experiment, bootstrap, seed, df)
+        paths += fit_study(tracking_uri, study, out_dir / "scaling", experiment, bootstrap, seed, fit_rows)
     except LookupError as error:
         log.warning("scaling laws skipped: %s", error)
     return paths
+
+
+def write_selection(choice: pd.DataFrame, out_dir: str | Path) -> list[Path]:
+    """``recipe_selection.csv`` and ``.md``: per grid point every sweep setting's upstream validation accuracy (mean
+    ± 95 % interval over its seeds, n) and which one the report kept.
+
+    Args:
+        choice: :func:`analysis.replicates.select_recipe`'s second frame.
+        out_dir: where the files go.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    csv, md = out_dir / "recipe_selection.csv", out_dir / "recipe_selection.md"
+    choice.to_csv(csv, index=False)
+    lines = ["Recipe per grid point, kept on the best mean upstream validation accuracy over seeds (few-shot, "
+             "fine-tuning and test numbers are not read).", "",
+             "| grid point | setting | best val acc (%) | seeds | kept |", "|---|---|---:|---:|---|"]
+    for row in choice.itertuples():
+        ci = f" ± {100 * row.val_ci:.1f}" if pd.notna(row.val_ci) else ""
+        acc = "–" if pd.isna(row.val_mean) else f"{100 * row.val_mean:.1f}{ci}"
+        lines.append(f"| {row.grid_point} | {row.setting} | {acc} | {row.n} | {'kept' if row.kept else ''} |")
+    md.write_text("\n".join(lines) + "\n")
+    return [md, csv]
 
 
 def fit_study(tracking_uri: str, study: str, out_dir: str | Path, experiment: str | None = None, bootstrap: int = 200,

@@ -6,6 +6,7 @@ reachable: ``load_study("sqlite:///mlflow.db", "demo")``.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -45,6 +46,9 @@ PARAMS = {
     "model.variant": ("variant", str),
     "data.fraction": ("fraction", float),
     "data.permute": ("permute", str),  # Fig. 4 pipeline: none | patches | pixels (absent in older runs: NaN)
+    "optim.lr": ("lr", float),
+    "optim.weight_decay": ("weight_decay", float),
+    "train.seed": ("seed", int),  # what a study's replicates vary (analysis.replicates: means and intervals over it)
     "data.image_size": ("image_size", int),
     "data.train_images": ("train_images", int),
     "train.steps": ("steps", int),
@@ -62,14 +66,18 @@ TAGS = {
     names.PLAN_PRICE_TAG: "price_per_device_hour",
     names.PLAN_CALIBRATION_TAG: "calibration",
 }
+# A recipe sweep's setting per trial (pipeline.spec ``sweep``): ``setting`` is the mixer.sweep_setting tag ("base"
+# where the family swept nothing, and in runs from before sweeps), ``grid_point`` the trial's grid coordinates
+# without its setting and seed (the mixer.grid_point tag less those fields): the replicates of a setting share both.
+SEED_PARAM = "train.seed"
 # ``family`` is the model family ("Mixer", "ViT", "BiT"), ``size`` its size ("B", "R50x1"), from the variant
 # (workers.models.registry); ``patch_size`` is empty for BiT.
 COLUMNS = ["study", "trial", "status", "run_id", "variant", "family", "size", "patch_size", "image_size", "fraction",
-           "permute", "train_images", "steps", "batch_size", "epochs", "images_seen", "train_flops", "core_seconds",
-           "cpu_seconds", "wall_seconds", "img_per_s_per_core", "train_img_per_s_per_core", "best_val_acc",
-           "final_val_acc", "finetune_top1", "checkpoint", "workers", "cpus_per_worker", "train_seconds",
-           "trial_start_unix", "worker_start_unix", "first_step_unix", "train_end_unix", "trial_end_unix",
-           *TAGS.values()]
+           "permute", "grid_point", "setting", "seed", "lr", "weight_decay", "train_images", "steps", "batch_size",
+           "epochs", "images_seen", "train_flops", "core_seconds", "cpu_seconds", "wall_seconds", "img_per_s_per_core",
+           "train_img_per_s_per_core", "best_val_acc", "final_val_acc", "finetune_top1", "checkpoint", "workers",
+           "cpus_per_worker", "train_seconds", "trial_start_unix", "worker_start_unix", "first_step_unix",
+           "train_end_unix", "trial_end_unix", *TAGS.values()]
 
 
 def load_study(tracking_uri: str, study: str, experiment: str | None = None) -> pd.DataFrame:
@@ -112,6 +120,8 @@ def _row(study: str, run) -> dict:
         row[column] = float(tags[mark]) if mark in tags else metrics.get(mark, np.nan)
     for tag, column in TAGS.items():
         row[column] = tags.get(tag, np.nan)
+    row["setting"] = tags.get(names.SWEEP_SETTING_TAG, names.SWEEP_SETTING_BASE)
+    row["grid_point"] = grid_point(tags.get(names.GRID_POINT_TAG, row["trial"]), row["setting"])
     for key, value in metrics.items():
         if key.startswith(names.FEWSHOT_PREFIX) and key.endswith("shot"):
             row["fewshot_" + key.split("/", 1)[1]] = value
@@ -124,6 +134,22 @@ def _row(study: str, run) -> dict:
             row["variant"] = variant.name  # canonical: "B/16" and "B-16" are one group in the figures
             row["family"], row["size"], row["patch_size"] = variant.family, variant.size, variant.patch_size
     return row
+
+
+# A "key=value,key=value" tag splits at the commas that start the next dotted key (a value may hold commas: [2, 15]).
+_NEXT_KEY = re.compile(r",(?=[A-Za-z_][A-Za-z0-9_.]*=)")
+
+
+def grid_point(point: str, setting: str) -> str:
+    """The grid coordinates of a trial: its mixer.grid_point tag without the sweep setting's fields and the seed.
+
+    Args:
+        point: the tag, ``model.variant=Micro-4,data.fraction=0.1,optim.lr=0.003,train.seed=1`` (or "base").
+        setting: its mixer.sweep_setting tag, ``optim.lr=0.003`` (or "base").
+    """
+    swept = {part.partition("=")[0] for part in _NEXT_KEY.split(setting)} | {SEED_PARAM}
+    kept = [part for part in _NEXT_KEY.split(point) if part.partition("=")[0] not in swept]
+    return ",".join(kept) or names.SWEEP_SETTING_BASE
 
 
 def export(df: pd.DataFrame, out_dir: str | Path) -> list[Path]:
