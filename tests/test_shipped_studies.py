@@ -45,7 +45,7 @@ def _run(study: dict, tmp_path: Path) -> tuple[str, dict]:
     uri, env = f"sqlite:///{tmp_path / 'mlflow.db'}", cli_env(tmp_path)
     ran = run_cli(["run", str(path), "--tracking-uri", uri, "--storage", str(tmp_path / "runs")], env, timeout=1800)
     assert ran.returncode == 0, ran.stdout[-3000:] + ran.stderr[-3000:]
-    trials = len(parse_study(study).grid_points())
+    trials = len(parse_study(study).trial_points())  # grid points x sweep settings x replicates
     assert f"{trials}/{trials} trials finished" in ran.stdout
     return uri, env
 
