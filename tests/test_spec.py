@@ -194,3 +194,12 @@ def test_plan_rejects_fewshot_shots_larger_than_a_class(digits16: Path) -> None:
     with pytest.raises(StudyError, match=r"fewshot.shots up to 5 need 5 examples of every class .* first 30 samples"):
         plan_study(spec)
     plan_study(parse_study(study_dict("shots", digits16, fewshot={"shots": [1, 5], "train_samples": 400})))
+
+
+def test_cli_plan_counts_sweep_settings_and_replicates(digits16: Path, tmp_path: Path) -> None:
+    study = study_dict("swept", digits16, grid={"data.fraction": [0.3, 1.0]}, replicates=2,
+                       sweep={"Mixer": {"optim.lr": [0.001, 0.003]}})
+    result = run_cli(["plan", str(write_study(tmp_path / "swept.yaml", study))], cli_env(tmp_path), timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "8 trial(s) = 2 grid point(s) x sweep settings (Mixer 2; other families 1) x 2 replicate(s)" in result.stdout
+    assert "fraction=1.0-lr0.003-s1" in result.stdout
