@@ -183,7 +183,7 @@ def test_report_keeps_one_setting_per_point_on_validation(tmp_path: Path) -> Non
                                      "model.variant=Micro-4,data.fraction=1.0",
                                      "model.variant=BiT-Micro,data.fraction=0.3"}
     assert sorted(df["seed"].unique()) == list(SEEDS) and set(df["lr"]) == {0.001, 0.003}
-    paths = {p.name: p for p in build_report(uri, "s", tmp_path / "out")}
+    paths = {p.name: p for p in build_report(uri, "s", tmp_path / "out", bootstrap=20)}
     selection = paths["recipe_selection.md"].read_text()
     assert "| model.variant=Micro-4,data.fraction=0.3 | optim.lr=0.003 | 80.0 ± 2.5 | 3 | kept |" in selection
     table = pd.read_csv(paths["table3.csv"])
