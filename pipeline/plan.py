@@ -353,8 +353,13 @@ def format_ledger(plans: list[TrialPlan], costs: list[PlannedCost], calibration:
 
 
 def _trial_count(spec: StudySpec, plans: list[TrialPlan]) -> str:
-    """``24 trial(s) = 4 grid point(s) x sweep settings (Mixer 2, ViT 4) x 3 replicate(s)``; without a sweep or
-    replicates just ``4 trial(s)``."""
+    """``24 trial(s) = 4 grid point(s) x sweep settings (Mixer 2, ViT 4; other families 1) x 3 replicate(s)``;
+    without a sweep or replicates just ``4 trial(s)``.
+
+    Args:
+        spec: the study.
+        plans: its trials (:func:`plan_study`).
+    """
     if not spec.sweep and spec.replicates == 1:
         return f"{len(plans)} trial(s)"
     settings = (" x sweep settings (" + ", ".join(f"{family} {len(spec.sweep_settings(family))}"

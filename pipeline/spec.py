@@ -97,6 +97,12 @@ class TrialPoint:
 
 
 def _check_values(where: str, values: list[Any]) -> None:
+    """ValueError unless ``values`` (of a grid key or a swept field) is a non-empty list without repeats.
+
+    Args:
+        where: the field as the study file spells it (``grid.data.fraction``, ``sweep.ViT.optim.lr``).
+        values: its values.
+    """
     if not values:
         raise ValueError(f"{where} is an empty list: give at least one value")
     if len(set(map(repr, values))) != len(values):
