@@ -277,10 +277,14 @@ def _fit(args: argparse.Namespace) -> None:
         return
     if args.json is None:
         raise ValueError("mixer-study fit --csv FILE needs --json OUT (where the fit goes)")
-    needed = {"chinchilla": {"N": args.n, "D": args.d}, "saturating": {"C": args.c}}[args.form]
+    needed = {"chinchilla": {"N": args.n, "D": args.d}, "saturating": {"C": args.c},
+              "isoflop": {"N": args.n, "C": args.c}}[args.form]
     for name, column in needed.items():
         if column is None:
             raise ValueError(f"--form {args.form} needs --{name.lower()} COLUMN (the runs' {name})")
+    if args.form == "isoflop":
+        _fit_isoflop(args)
+        return
     result = fit_table(args.csv, args.form, needed, args.y, group=args.group, draws=args.bootstrap, seed=args.seed,
                        predict_path=args.predict)
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
@@ -292,6 +296,22 @@ def _fit(args: argparse.Namespace) -> None:
     for name, (lo, hi) in result["ci95"].items():
         value = result["params"].get(name, result["derived"].get(name))
         print(f"  {name:>12} {value:12.5g}   95 % [{lo:.5g}, {hi:.5g}]")
+    print(f"-> {args.json}")
+
+
+def _fit_isoflop(args: argparse.Namespace) -> None:
+    from analysis.scaling.table import isoflop_table
+
+    if args.predict is not None or args.group is not None:
+        raise ValueError("--form isoflop takes neither --predict nor --group (its bootstrap redraws runs within each "
+                         "compute budget)")
+    result = isoflop_table(args.csv, args.n, args.c, args.y, draws=args.bootstrap, seed=args.seed)
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json).write_text(json.dumps(result, indent=2))
+    lo, hi = result["ci95"]["a"]
+    print(f"isoFLOP minima of {result['n_points']} runs: {len(result['budgets'])} budgets with an interior minimum; "
+          f"N_opt ∝ C^a, a = {result['params']['a']:.4g}, 95 % [{lo:.4g}, {hi:.4g}] ({args.bootstrap} resamples within "
+          f"budgets, {result['bootstrap']['draws_without_exponent']:.0%} of them without an exponent)")
     print(f"-> {args.json}")
 
 
@@ -461,11 +481,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="STUDY: output folder (default results/<study>/scaling)")
     p.add_argument("--experiment", help="STUDY: MLflow experiment if not the study name")
     p.add_argument("--csv", help="CSV file, one run per row")
-    p.add_argument("--form", choices=["chinchilla", "saturating"], default="chinchilla",
-                   help="chinchilla: L = E + A/N^alpha + B/D^beta; saturating: E = a (C + d)^-b + c")
-    p.add_argument("--n", help="chinchilla: column of parameters N")
+    p.add_argument("--form", choices=["chinchilla", "saturating", "isoflop"], default="chinchilla",
+                   help="chinchilla: L = E + A/N^alpha + B/D^beta; saturating: E = a (C + d)^-b + c; isoflop: "
+                   "approach 2, N_opt per compute budget and N_opt ∝ C^a (runs of a budget share one --c value)")
+    p.add_argument("--n", help="chinchilla, isoflop: column of parameters N")
     p.add_argument("--d", help="chinchilla: column of samples seen D")
-    p.add_argument("--c", help="saturating: column of training compute C")
+    p.add_argument("--c", help="saturating, isoflop: column of training compute C")
     p.add_argument("--y", default="loss", help="column of the loss/error (default loss)")
     p.add_argument("--group", help="column of group labels: the bootstrap resamples whole groups (runs sharing a "
                    "model size, seed or family)")

@@ -11,7 +11,7 @@ import json
 import numpy as np
 import pytest
 
-from analysis.scaling.bootstrap import bootstrap_fit, compare
+from analysis.scaling.bootstrap import bootstrap_fit, compare, isoflop_bootstrap
 from analysis.scaling.fit import GRAD_TOL, fit_law, refine_batch
 from analysis.scaling.forms import (
     CHINCHILLA,
@@ -218,6 +218,50 @@ def test_fit_csv_saturating(tmp_path) -> None:
     result = json.loads(out.read_text())
     assert set(result["params"]) == {"a", "b", "c", "d"} and result["params"]["b"] == pytest.approx(0.3, abs=0.05)
     assert set(result["ci95"]) >= {"a", "b", "c", "d"}
+
+
+def isoflop_runs(noise: float, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Approach 2's design: 6 budgets, 9 sizes around each budget's optimum, log-normal noise on the loss."""
+    budgets = np.geomspace(1e17, 1e21, 6)
+    n = np.concatenate([np.geomspace(0.2, 5, 9) * float(compute_optimal(TRUE, b)["n_opt"]) for b in budgets])
+    c = np.repeat(budgets, 9)
+    return n, c, chinchilla_loss(n, c / (6 * n), **TRUE) * np.exp(rng.normal(0, noise, len(n)))
+
+
+def test_isoflop_interval_covers_the_true_exponent() -> None:
+    """100 simulated approach-2 studies: the bootstrap interval on a covers the law's a = beta/(alpha+beta) at
+    least 93 % of the time (measured 98 % at 300 studies: the parabola's own approximation error makes it
+    conservative, never narrow), and more noise gives a wider interval."""
+    rng = np.random.default_rng(0)
+    truth = TRUE["beta"] / (TRUE["alpha"] + TRUE["beta"])
+    hits, widths = [], []
+    for seed in range(100):
+        found = isoflop_bootstrap(*isoflop_runs(0.01, rng), draws=100, seed=seed)
+        lo, hi = found["ci"]
+        hits.append(lo <= truth <= hi)
+        widths.append(hi - lo)
+    assert np.mean(hits) >= 0.93
+    noisier = isoflop_bootstrap(*isoflop_runs(0.03, np.random.default_rng(1)), draws=100)
+    assert noisier["ci"][1] - noisier["ci"][0] > np.median(widths)
+
+
+def test_fit_csv_isoflop(tmp_path, capsys) -> None:
+    n, c, y = isoflop_runs(0.005, np.random.default_rng(2))
+    csv = write_csv(tmp_path / "runs.csv", [{"params": a, "flops": b, "loss": v} for a, b, v in zip(n, c, y)])
+    out = tmp_path / "iso.json"
+    main(["fit", "--csv", csv, "--form", "isoflop", "--n", "params", "--c", "flops", "--bootstrap", "50",
+          "--json", str(out)])
+    result = json.loads(out.read_text())
+    lo, hi = result["ci95"]["a"]
+    assert lo <= result["params"]["a"] <= hi and result["params"]["a"] == pytest.approx(0.28 / 0.62, abs=0.02)
+    assert len(result["budgets"]) == 6 and result["n_points"] == 54
+    assert "N_opt" in capsys.readouterr().out
+    flat = write_csv(tmp_path / "flat.csv", [{"params": a, "flops": b * (1 + i), "loss": v}
+                                             for i, (a, b, v) in enumerate(zip(n, c, y))])
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--csv", flat, "--form", "isoflop", "--n", "params", "--c", "flops", "--json", str(out)])
+    assert exit_info.value.code == 2
+    assert "needs at least 2" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("change, extra, message", [

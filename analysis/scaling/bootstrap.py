@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from analysis.scaling.fit import GRAD_TOL, Fit, fit_law, refine_batch
-from analysis.scaling.forms import CHINCHILLA, compute_optimal
+from analysis.scaling.forms import CHINCHILLA, compute_optimal, isoflop_minima
 
 LEVEL = 0.95
 
@@ -179,3 +179,63 @@ def compare(first: Bootstrap, second: Bootstrap, names: tuple[str, ...] | None =
         out[name] = {"diff": first.point[name] - second.point[name], "lo": float(np.nanpercentile(diff, tail)),
                      "hi": float(np.nanpercentile(diff, 100 - tail))}
     return out
+
+
+def isoflop_bootstrap(n: np.ndarray, compute: np.ndarray, y: np.ndarray, draws: int = 200, seed: int = 0,
+                      level: float = LEVEL) -> dict[str, object]:
+    """Approach 2 (``forms.isoflop_minima``) with a bootstrap interval on its exponent ``a`` (N_opt ∝ C^a).
+
+    Each resample redraws the runs of every budget from that budget's own runs (stratified: the design's budgets
+    are kept, as a rerun of the study would keep them), refits each budget's parabola in log N by weighted least
+    squares (all draws at once) and the line log N_opt vs log C through the budgets that still have an interior
+    minimum. A draw where fewer than 2 budgets keep one has no exponent; their share is reported, since a large
+    share means the profiles are too flat or too noisy to locate a minimum.
+
+    Args:
+        n, compute, y: as ``isoflop_minima`` (runs of one budget share the exact same compute value).
+        draws: bootstrap resamples B.
+        seed: seed of the resampling.
+        level: interval level.
+
+    Returns:
+        {"a": point exponent, "ci": (lo, hi) percentile interval over the draws with an exponent, "budgets": the
+        budgets with an interior minimum in the full data, "draws_without_exponent": their share, "a_draws": (B,)}.
+    """
+    n, compute, y = (np.asarray(v, dtype=float) for v in (n, compute, y))
+    point = isoflop_minima(n, compute, y)
+    rng = np.random.default_rng(seed)
+    budgets = [b for b in np.unique(compute) if np.unique(n[compute == b]).size >= 3]
+    log_c = np.log(np.array(budgets))
+    vertex = np.full((draws, len(budgets)), np.nan)
+    for j, budget in enumerate(budgets):
+        at = np.flatnonzero(compute == budget)
+        log_n = np.log(n[at])
+        centre = log_n.mean()  # a parabola in log N - centre: well conditioned, unlike one in log N of ~20
+        u = log_n - centre
+        counts = rng.multinomial(len(at), np.full(len(at), 1.0 / len(at)), size=draws).astype(float)
+        design = np.stack([u**2, u, np.ones_like(u)], axis=1)  # (m, 3)
+        gram = np.einsum("bm,mi,mj->bij", counts, design, design)
+        rhs = np.einsum("bm,mi,m->bi", counts, design, y[at])
+        # A parabola needs 3 distinct sizes among the drawn runs.
+        solvable = np.array([np.unique(log_n[row > 0]).size >= 3 for row in counts])
+        coef = np.full((draws, 3), np.nan)
+        coef[solvable] = np.linalg.solve(gram[solvable], rhs[solvable][..., None])[..., 0]
+        curvature, slope = coef[:, 0], coef[:, 1]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            v = centre + np.where(curvature > 0, -slope / (2 * curvature), np.nan)
+        vertex[:, j] = np.where((v >= log_n.min()) & (v <= log_n.max()), v, np.nan)
+    valid = np.isfinite(vertex)
+    usable = valid.sum(axis=1) >= 2
+    # Least-squares slope of vertex (log N_opt) on log C over each draw's valid budgets.
+    w = valid.astype(float)
+    sw = w.sum(axis=1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        mean_c = (w * log_c).sum(axis=1) / sw
+        mean_v = np.nansum(w * np.nan_to_num(vertex), axis=1) / sw
+        dc = log_c[None] - mean_c[:, None]
+        a_draws = (w * dc * (np.nan_to_num(vertex) - mean_v[:, None])).sum(axis=1) / (w * dc**2).sum(axis=1)
+    a_draws = np.where(usable, a_draws, np.nan)
+    tail = 100 * (1 - level) / 2
+    ci = tuple(float(v) for v in np.nanpercentile(a_draws, [tail, 100 - tail])) if usable.any() else (np.nan, np.nan)
+    return {"a": point["a"], "ci": ci, "budgets": point["budgets"], "draws_without_exponent": float(1 - usable.mean()),
+            "a_draws": a_draws}

@@ -10,9 +10,9 @@ from typing import Any
 
 import numpy as np
 
-from analysis.scaling.bootstrap import bootstrap_fit
+from analysis.scaling.bootstrap import bootstrap_fit, isoflop_bootstrap
 from analysis.scaling.fit import fit_law
-from analysis.scaling.forms import FORMS
+from analysis.scaling.forms import FORMS, isoflop_minima
 from analysis.scaling.predict import calibrate, prediction_interval
 
 MIN_GROUPS = 5  # fewer groups than this and a group bootstrap has too few distinct resamples to mean anything
@@ -111,3 +111,36 @@ def fit_table(path: str | Path, form_name: str, inputs: dict[str, str], y: str, 
         result["predictions"] = [{"y": float(v), "lo": float(lo), "hi": float(hi)}
                                  for v, lo, hi in zip(band["y"], band["lo"], band["hi"])]
     return result
+
+
+def isoflop_table(path: str | Path, n: str, c: str, y: str, *, draws: int = 200, seed: int = 0) -> dict[str, Any]:
+    """Approach 2 on the runs of a CSV (``mixer-study fit --csv FILE --form isoflop``): per compute budget the N
+    minimising y, then N_opt ∝ C^a, with a bootstrap interval on ``a`` (``bootstrap.isoflop_bootstrap``).
+
+    Args:
+        path: the CSV of runs; the runs of one budget share the exact same value in column ``c``.
+        n, c, y: columns of parameters, training compute and loss/error.
+        draws: bootstrap resamples.
+        seed: bootstrap seed.
+
+    Returns:
+        {"form": "isoflop", "params": {"a"}, "ci95": {"a": [lo, hi]}, "budgets": [{"compute", "n_opt", "y_opt"}],
+        "n_points", "bootstrap": {"draws", "seed", "draws_without_exponent"}}.
+    """
+    table = read_columns(path, [n, c, y], positive=[n, c, y])
+    if draws < 2:
+        raise ValueError(f"--bootstrap {draws}: at least 2 resamples are needed for an interval")
+    result = isoflop_bootstrap(table[n], table[c], table[y], draws=draws, seed=seed)
+    found = isoflop_minima(table[n], table[c], table[y])
+    if len(found["budgets"]) < 2:
+        raise ValueError(f"{path} column {c!r}: {len(found['budgets'])} compute budget(s) with an interior minimum "
+                         f"of {y!r} over at least 3 sizes of {n!r}; approach 2 needs at least 2 (the runs of one "
+                         f"budget must share the exact same {c!r} value)")
+    return {
+        "form": "isoflop", "columns": {"N": n, "C": c, "y": y}, "params": {"a": result["a"]},
+        "ci95": {"a": list(result["ci"])},
+        "budgets": [{"compute": float(b), "n_opt": float(no), "y_opt": float(yo)}
+                    for b, no, yo in zip(found["budgets"], found["n_opt"], found["y_opt"])],
+        "n_points": len(table[y]),
+        "bootstrap": {"draws": draws, "seed": seed, "draws_without_exponent": result["draws_without_exponent"]},
+    }
