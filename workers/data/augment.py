@@ -149,12 +149,19 @@ def inception_crop(
 
     The crop is cut out first and then resized, as TF's ``tf.slice`` + ``tf.image.resize``, so the bilinear
     taps clamp at the crop's edges, not the image's. big_vision resizes with ``antialias=False``: a plain bilinear
-    interpolation at half-pixel centres, which PIL's ``transform(EXTENT, BILINEAR)`` computes (``resize`` would
-    low-pass filter when shrinking), truncating to uint8 as TF's cast does. Difference left: PIL interpolates in
-    double precision, TF in float32 (a level off where a value lands within float32 error of an integer).
+    interpolation at half-pixel centres. A crop that is shrunk along either side goes through PIL's
+    ``transform(EXTENT, BILINEAR)``, which computes exactly that (``resize`` would low-pass filter when
+    shrinking), truncating to uint8 as TF's cast does; PIL interpolates in double precision, TF in float32 (a
+    level off where a value lands within float32 error of an integer). A crop enlarged along both sides (most
+    crops of a photo stored near the view's size) goes through PIL's ``resize(BILINEAR)``: at these scales its
+    triangle filter has the same two taps and weights, but it rounds to the nearest level where TF truncates, so
+    a pixel may be one level higher (half a level on average, docs/benchmarks.md "Loader"); it costs a fifth of
+    the ``transform``.
     """
     x, y, w, h = sample_crop_box(image.width, image.height, rng, area_min, area_max, aspect)
     crop = image.crop((x, y, x + w, y + h))
+    if w <= size and h <= size:
+        return crop.resize((size, size), Image.Resampling.BILINEAR)
     return crop.transform((size, size), Image.Transform.EXTENT, (0, 0, w, h), resample=Image.Resampling.BILINEAR)
 
 
@@ -265,8 +272,11 @@ def train_view(image: Image.Image | np.ndarray, size: int, cfg: AugmentConfig, r
         image = Image.fromarray(image)
     image = _rgb(image)
     if cfg.crop == "inception":
-        array = np.asarray(inception_crop(image, size, rng, area_min=cfg.area_min))
-    elif cfg.crop == "pad":
+        crop = inception_crop(image, size, rng, area_min=cfg.area_min)
+        if cfg.flip and rng.random() < 0.5:  # flip_lr's one draw, as a PIL transpose (C) of the uint8 image
+            crop = crop.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        return _randaug(np.asarray(crop), cfg, rng)
+    if cfg.crop == "pad":
         if image.size != (size, size):
             image = eval_view(image, size, 1.0)
         array = pad_crop(np.asarray(image), cfg.pad, rng)
@@ -278,6 +288,10 @@ def train_view(image: Image.Image | np.ndarray, size: int, cfg: AugmentConfig, r
 def _flip_randaug(array: np.ndarray, cfg: AugmentConfig, rng: random.Random) -> np.ndarray:
     if cfg.flip:
         array = flip_lr(array, rng)
+    return _randaug(array, cfg, rng)
+
+
+def _randaug(array: np.ndarray, cfg: AugmentConfig, rng: random.Random) -> np.ndarray:
     if cfg.randaug is not None:
         array = RandAugment(*cfg.randaug)(array, rng)
     return np.ascontiguousarray(array, dtype=np.uint8)

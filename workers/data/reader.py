@@ -70,12 +70,14 @@ def decode_pil(data: bytes, shorter_side: int | None = None) -> Image.Image:
     shorter side 256 (the 224 px eval view) decodes at 1/4 scale about 2x faster (entropy decoding remains).
     Other formats decode at full size.
     """
-    with Image.open(io.BytesIO(data)) as img:
-        w, h = img.size
-        if shorter_side is not None and img.format == "JPEG" and min(w, h) >= 2 * shorter_side:
-            # integer maths: the request for the shorter side is exactly shorter_side, never a float's 1 px less
-            img.draft("RGB", (w * shorter_side // min(w, h), h * shorter_side // min(w, h)))
-        return img.convert("RGB")  # convert() loads the pixels, so the image outlives the closed byte stream
+    img = Image.open(io.BytesIO(data))
+    w, h = img.size
+    if shorter_side is not None and img.format == "JPEG" and min(w, h) >= 2 * shorter_side:
+        # integer maths: the request for the shorter side is exactly shorter_side, never a float's 1 px less
+        img.draft("RGB", (w * shorter_side // min(w, h), h * shorter_side // min(w, h)))
+    img.load()  # reads the pixels and lets go of the byte stream
+    # An RGB image as decoded: convert("RGB") would copy it, a tenth of a 224 px view's time.
+    return img if img.mode == "RGB" else img.convert("RGB")
 
 
 def decode_image(data: bytes, shorter_side: int | None = None) -> np.ndarray:
@@ -132,13 +134,24 @@ def _shuffled(items: Iterable, buffer_size: int, rng: random.Random) -> Iterator
     yield from buffer
 
 
+_UNIT_LEVELS = np.arange(256, dtype=np.float32) / np.float32(127.5) - np.float32(1.0)  # x / 127.5 - 1, float32
+_UNIT_LEVELS.flags.writeable = False
+_TORCH_MIN_PIXELS = 48 * 48  # from here on torch's vectorised convert + divide beats the per-call cheaper look-up
+
+
 def to_tensor(image: np.ndarray) -> torch.Tensor:
-    """HxWx3 uint8 -> 3xHxW float32 in [-1, 1]: ``x / 127.5 - 1`` in place in one numpy buffer (per-sample torch
-    ops cost more than the arithmetic on a 16 px image)."""
-    array = np.ascontiguousarray(image.transpose(2, 0, 1), dtype=np.float32)
-    np.divide(array, np.float32(127.5), out=array)
-    np.subtract(array, np.float32(1.0), out=array)
-    return torch.from_numpy(array)
+    """HxWx3 uint8 -> 3xHxW float32 in [-1, 1]: ``x / 127.5 - 1`` in float32, the same bits either way.
+
+    Small images (the 16-32 px digits) look the 256 levels up, transposing in the same pass (torch's per-call cost
+    is larger than their arithmetic); larger ones convert and divide with torch's vectorised kernels (at 224 px a
+    sixth of the time of numpy's convert, divide, subtract).
+    """
+    if image.shape[0] * image.shape[1] < _TORCH_MIN_PIXELS:
+        return torch.from_numpy(_UNIT_LEVELS[image.transpose(2, 0, 1)])
+    if not image.flags.writeable:  # torch warns on read-only memory even though nothing here writes to it
+        image = image.copy()
+    pixels = torch.from_numpy(image).permute(2, 0, 1)
+    return pixels.to(torch.float32, memory_format=torch.contiguous_format).div_(127.5).sub_(1.0)
 
 
 class ShardDataset(IterableDataset):
