@@ -1,5 +1,6 @@
 """The Ray Train policy of every ``TorchTrainer`` a trial runs (pre-training in ``pipeline.trial``, each fine-tuning
-run in ``pipeline.finetune_sweep``): where its workers run, which checkpoints it keeps, and that it never retries.
+run in ``pipeline.finetune_sweep``): where its workers run, which checkpoints it keeps, and that it never retries; and
+the same checkpoint policy for a trial that reports its checkpoints to Ray Tune (``pipeline.trial_in_process``).
 
 Retries have ONE layer, Ray Tune's ``FailureConfig(max_failures=resources.max_failures)`` (``pipeline.tune``): a
 failed attempt is retried as a whole trial, which resumes each Ray Train run (by its deterministic name) from its
@@ -12,6 +13,9 @@ from __future__ import annotations
 from typing import Any
 
 import ray.train
+from ray import tune
+
+from workers.names import VAL_ACC
 
 
 def worker_scaling(workers: int, cpus_per_worker: int, gpus_per_worker: int) -> ray.train.ScalingConfig:
@@ -54,3 +58,15 @@ def train_run_config(name: str, storage: str, keep_checkpoints: int, score_metri
         failure_config=ray.train.FailureConfig(max_failures=0),  # retries: Tune's layer only (module docstring)
         callbacks=callbacks,
     )
+
+
+def tune_checkpoints(keep_checkpoints: int) -> tune.CheckpointConfig:
+    """What Ray Tune keeps of the checkpoints a trial reports to it (a 1-worker trial, ``pipeline.trial_in_process``):
+    as :func:`train_run_config` keeps a pre-training run's, the best ``keep_checkpoints`` by ``val/acc`` (of equal ones
+    the latest) plus the latest.
+
+    Args:
+        keep_checkpoints: how many checkpoints to keep.
+    """
+    return tune.CheckpointConfig(num_to_keep=keep_checkpoints, checkpoint_score_attribute=VAL_ACC,
+                                 checkpoint_score_order="max")

@@ -1,6 +1,10 @@
 """One trial: TrialConfig -> ``TorchTrainer(workers.training.ray_entry.train_loop_per_worker).fit()`` -> few-shot on
 the best checkpoint -> MLflow. Used as the Ray Tune function trainable and by ``mixer-study train`` on its own.
 
+A study's 1-worker trial pre-trains inside its Tune trial process instead (``pipeline.trial_in_process``: no process
+group is needed, so no worker group is started; Tune keeps its checkpoints); DDP trials (2 or more workers) and
+``mixer-study train`` run the ``TorchTrainer`` described here.
+
 Ray Train V2 resumes by run name: a ``TorchTrainer`` whose ``RunConfig(name, storage_path)`` points at an
 existing run restarts from that run's latest checkpoint. Trial names are deterministic, so a restarted trial
 (Tune retry or ``mixer-study resume``) continues where its checkpoints left off.
@@ -45,6 +49,7 @@ from pipeline.tracking import (
     run_label,
     trial_run,
 )
+from pipeline.trial_in_process import InProcessResult, fit_in_process
 from pipeline.trial_worker import trial_loop_per_worker
 from workers.config import TrialConfig, flat_defaults, flatten
 from workers.data.fractions import subset_size
@@ -116,7 +121,13 @@ def make_job(spec: StudySpec, name: str, config: TrialConfig, point: dict[str, A
     ))
 
 
-def best_checkpoint(result: ray.train.Result) -> tuple[ray.train.Checkpoint, dict[str, Any]]:
+def in_process(workers: int, in_tune: bool = True) -> bool:
+    """Whether a trial of ``workers`` workers pre-trains in its Tune trial process (module docstring); the trial
+    then holds its worker's resources itself (``pipeline.tune``)."""
+    return in_tune and workers == 1
+
+
+def best_checkpoint(result: ray.train.Result | InProcessResult) -> tuple[ray.train.Checkpoint, dict[str, Any]]:
     """Early stopping as the paper does it: the checkpoint with the best upstream val/acc; of equal ones the latest,
     which is the one Ray Train's retention keeps (and the rule workers.training.trainer applies)."""
     candidates = [(c, m) for c, m in (result.best_checkpoints or []) if VAL_ACC in m]
@@ -249,8 +260,10 @@ def _open_run(client: mlflow.tracking.MlflowClient, job: TrialJob, trial: TrialC
     return run_id, manifest
 
 
-def _fit(job: TrialJob, trial: TrialConfig, worker_mlflow: dict[str, Any], in_tune: bool) -> ray.train.Result:
-    """Pre-train: the trial's Ray Train run (resumed by name from its latest checkpoint).
+def _fit(job: TrialJob, trial: TrialConfig, worker_mlflow: dict[str, Any],
+         in_tune: bool) -> ray.train.Result | InProcessResult:
+    """Pre-train: in this Tune trial process for 1 worker (resumed from Tune's latest checkpoint), else the trial's
+    Ray Train run (resumed by name from its latest checkpoint).
 
     Args:
         job: the trial's job.
@@ -258,6 +271,8 @@ def _fit(job: TrialJob, trial: TrialConfig, worker_mlflow: dict[str, Any], in_tu
         worker_mlflow: the workers' logging config (tracking_uri, run_id, system_metrics, spool).
         in_tune: also report every result to Ray Tune.
     """
+    if in_process(job.workers, in_tune):
+        return fit_in_process(job.trial, worker_mlflow, job.cpus_per_worker, job.gpus_per_worker)
     callbacks = []
     if in_tune:
         from ray.tune.integration.ray_train import TuneReportCallback
@@ -274,7 +289,7 @@ def _fit(job: TrialJob, trial: TrialConfig, worker_mlflow: dict[str, Any], in_tu
 
 
 def _best_and_logged(client: mlflow.tracking.MlflowClient, job: TrialJob, trial: TrialConfig,
-                     result: ray.train.Result, run_id: str, run_log: RunLogger,
+                     result: ray.train.Result | InProcessResult, run_id: str, run_log: RunLogger,
                      spool: str) -> tuple[ray.train.Checkpoint, dict[str, float]]:
     """The best checkpoint (tagged on the run) and the run's metrics, checked against it: the workers logged
     best/* (at the last step) and, on rank 0, the few-shot of the best model; every metric is logged once, by whoever

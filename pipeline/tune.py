@@ -6,9 +6,11 @@ Layout on storage (local path or any pyarrow/fsspec URL such as s3://bucket/pref
     <storage>/<study>/tune/...          Ray Tune experiment state (Tuner.restore)
     <storage>/<study>/train/<trial>/    Ray Train run of each trial: checkpoints (resume + best checkpoint)
 
-Resources: the Tune trial itself only orchestrates (it holds 0 CPU and a token of memory, since Ray rejects an
-empty resource request); its ``TorchTrainer`` workers hold the CPUs/GPUs. So a 2-CPU machine runs one 2-worker
-trial at a time and a cluster runs as many as its CPUs (or GPUs) hold.
+Resources: a trial of 2 or more workers only orchestrates in its Tune trial (it holds 0 CPU and a token of memory,
+since Ray rejects an empty resource request); its ``TorchTrainer`` workers hold the CPUs/GPUs. A 1-worker trial
+trains in its Tune trial process (``pipeline.trial_in_process``), which then holds the worker's CPUs/GPUs itself.
+So a 2-CPU machine runs one 2-worker trial or two 1-worker trials at a time, and a cluster as many as its CPUs (or
+GPUs) hold.
 """
 
 from __future__ import annotations
@@ -29,7 +31,8 @@ from analysis.ledger import PlannedCost
 from pipeline.lock import StudyLock
 from pipeline.plan import Calibration, TrialPlan, calibrate, plan_costs, plan_study, plan_tags
 from pipeline.progress import StudyProgress
-from pipeline.spec import StudyError, StudySpec, parse_study
+from pipeline.ray_policy import tune_checkpoints
+from pipeline.spec import ResourcesSpec, StudyError, StudySpec, parse_study
 from pipeline.throughput_table import prepare_throughput_table
 from pipeline.tracking import (
     connect_tracking,
@@ -40,7 +43,7 @@ from pipeline.tracking import (
     resolve_tracking_uri,
     study_run,
 )
-from pipeline.trial import SPOOL, make_job, run_trial
+from pipeline.trial import SPOOL, in_process, make_job, run_trial
 from workers.names import BEST_VAL_ACC, FEWSHOT_5SHOT
 from workers.training.mlflow_logger import fail_fast_http, replay_spool, spool_files, write_spool
 
@@ -152,8 +155,17 @@ def _read_text(url: str) -> str:
         return f.read()
 
 
-def _trainable():
-    return tune.with_resources(tune_trainable, TRIAL_DRIVER_RESOURCES)
+def trial_resources(resources: ResourcesSpec) -> dict[str, float]:
+    """What a study's Tune trial holds: its worker's CPUs/GPUs when it trains in its own process (1 worker), else
+    only the token that lets Ray schedule it (module docstring)."""
+    if not in_process(resources.workers_per_trial):
+        return TRIAL_DRIVER_RESOURCES
+    return {"cpu": resources.cpus_per_worker, **({"gpu": resources.gpus_per_worker} if resources.gpus_per_worker
+                                                  else {})}
+
+
+def _trainable(resources: ResourcesSpec):
+    return tune.with_resources(tune_trainable, trial_resources(resources))
 
 
 def run_study(spec: StudySpec, *, address: str | None = None, tracking_uri: str | None = None,
@@ -204,7 +216,7 @@ def _start_or_continue(spec: StudySpec, plans: list[TrialPlan], *, address: str 
     # Before any trial trains, so the inference throughput has its cores to itself (pipeline.throughput_table).
     prepare_throughput_table(spec, plans, tracking_uri, write)
     tuner = tune.Tuner(
-        _trainable(),
+        _trainable(spec.resources),
         param_space={"job": tune.grid_search(_jobs(spec, plans, tracking_uri, storage, parent, costs, calibration))},
         tune_config=tune.TuneConfig(
             max_concurrent_trials=concurrency,
@@ -220,6 +232,8 @@ def _start_or_continue(spec: StudySpec, plans: list[TrialPlan], *, address: str 
             verbose=0,
             callbacks=[StudyProgress(len(plans), {p.name: p.config.train.steps for p in plans}, fit)],
             failure_config=tune.FailureConfig(max_failures=spec.resources.max_failures),
+            # Kept only for the trials that train in their own process: the others report no checkpoint to Tune.
+            checkpoint_config=tune_checkpoints(max(p.config.train.keep_checkpoints for p in plans)),
         ),
     )
     return _finish(tuner.fit(), client, parent, study_dir, write)
@@ -255,7 +269,8 @@ def _resume_locked(spec: StudySpec, tune_dir: str, tracking_uri: str, *, address
     parent = study_run(client, experiment_id(client, spec.experiment), spec.name, {}, description=spec.description)
     init_ray(address)
     write(f"resuming study {name} from {tune_dir}; Ray logs: {ray_logs_dir()}")
-    tuner = tune.Tuner.restore(tune_dir, trainable=_trainable(), resume_unfinished=True, resume_errored=True)
+    tuner = tune.Tuner.restore(tune_dir, trainable=_trainable(spec.resources), resume_unfinished=True,
+                               resume_errored=True)
     return _finish(tuner.fit(), client, parent, study_dir, write)
 
 
