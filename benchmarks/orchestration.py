@@ -1,9 +1,11 @@
 """Section 4, ``orchestration`` (optional): what Ray Tune, Ray Train and MLflow cost a trial beyond its training.
 
-A tiny real study (2 trials x 2 workers of Nano-4 on digits 16 px, few-shot on, as the demo is set up) runs through
-``mixer-study run`` in a subprocess (its own embedded Ray), and ``analysis.timeline.study_goodput`` reads it back
-from its MLflow store. Reading the table, one row per trial and their median: ``queued s`` = trial start to its
-rank-0 worker starting (waiting for cores other trials hold, not overhead), ``start-up s`` = worker start to the
+A tiny real study (6 trials (seeds) x 1 worker of Nano-4 on digits 16 px, few-shot on, as the demo is set up: two
+trials at a time on 2 cores, so most trials run in a process an earlier trial used, as in any study of more trials
+than fit at once) runs through ``mixer-study run`` in a subprocess (its own embedded Ray), and
+``analysis.timeline.study_goodput`` reads it back from its MLflow store. Reading the table, one row per trial and
+their median: ``queued s`` = trial start to its rank-0 worker starting (waiting for cores other trials hold, not
+overhead; 0 for a 1-worker trial, which trains in its own Tune trial process), ``start-up s`` = worker start to the
 first step, ``train s`` = time inside training steps, ``tail s`` = train end to trial end (evaluation,
 checkpoint, few-shot, MLflow),
 ``overhead s`` = start-up + tail. The line under it gives the study's wall time and its goodput (in-loop training
@@ -24,8 +26,12 @@ from benchmarks.common import DIGITS_PAD, DIGITS_SIZE, BenchConfig, Write, forma
 REPO = Path(__file__).resolve().parents[1]
 
 
+TRIALS = 6
+WORKERS = 1  # as the demo: one single-core worker per trial
+
+
 def orchestration_study(name: str, data: Path, steps: int) -> dict:
-    """The tiny study: 2 trials (seeds) x 2 workers of Nano-4 on digits 16 px, few-shot on, as the demo is set up."""
+    """The tiny study: 6 trials (seeds) x 1 worker of Nano-4 on digits 16 px, few-shot on, as the demo is set up."""
     every = max(1, steps // 2)
     return {
         "name": name,
@@ -40,8 +46,8 @@ def orchestration_study(name: str, data: Path, steps: int) -> dict:
             "fewshot": {"train": str(data / "train"), "test": str(data / "test"), "shots": [1, 5, 10, 25],
                         "seeds": 3},
         },
-        "grid": {"train.seed": [0, 1]},
-        "resources": {"workers_per_trial": 2, "cpus_per_worker": 1},
+        "grid": {"train.seed": list(range(TRIALS))},
+        "resources": {"workers_per_trial": WORKERS, "cpus_per_worker": 1},
     }
 
 
@@ -64,7 +70,7 @@ def bench_orchestration(config: BenchConfig, write: Write) -> dict:
         env.pop("RAY_ADDRESS", None)  # an embedded Ray, as `make demo` runs
         command = [sys.executable, "-m", "pipeline.cli", "run", str(root / "study.yaml"), "--tracking-uri", uri,
                    "--storage", str(root / "runs")]
-        write(f"[bench] orchestration: {len(study['grid']['train.seed'])} trials x 2 workers, Nano-4, "
+        write(f"[bench] orchestration: {TRIALS} trials x {WORKERS} worker, Nano-4, "
               f"{config.orchestration_steps} steps, few-shot on (mixer-study run in a subprocess) ...")
         start = time.perf_counter()
         proc = subprocess.run(command, env=env, cwd=tmp, capture_output=True, text=True,
@@ -77,7 +83,7 @@ def bench_orchestration(config: BenchConfig, write: Write) -> dict:
         timeline, summary = study_goodput(uri, name, cluster_cpus=cluster_cpus)
     trials = timeline.to_dict(orient="records")
     result = {"study": study["grid"] | {"variant": "Nano-4", "steps": config.orchestration_steps,
-                                        "workers_per_trial": 2, "cpus_per_worker": 1},
+                                        "workers_per_trial": WORKERS, "cpus_per_worker": 1},
               "cluster_cpus": cluster_cpus, "subprocess_wall_s": wall,
               "outside_trials_s": wall - summary["study_wall_s"],  # Ray start/stop, Tune set-up, MLflow parent
               **summary, "trial_rows": trials}

@@ -108,7 +108,7 @@ def run_benchmarks(config: BenchConfig, out: str, write: Write = print) -> dict:
                       " sweep; util = achieved / matmul FLOP/s of the same dtype",
         "inference": f"2b. Inference, {per} best over the batch sweep",
         "loader": "3. Loader (per process) and loader-vs-in-memory step ratio",
-        "orchestration": "4. Orchestration: tiny study through mixer-study run (2 trials x 2 workers, Nano-4)",
+        "orchestration": "4. Orchestration: tiny study through mixer-study run (6 trials x 1 worker, Nano-4)",
         "fewshot": "5. Few-shot: feature extraction and linear solve",
     }
     for key, title in titles.items():

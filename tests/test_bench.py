@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.orchestration import orchestration_study
+from benchmarks.orchestration import TRIALS, WORKERS, orchestration_study
 from benchmarks.run import quick_config, run_benchmarks
 from benchmarks.train_step import train_step_fn
 from pipeline.plan import plan_study
@@ -125,5 +125,5 @@ def test_train_step_is_the_trainers(digits16: Path) -> None:
 def test_orchestration_study_is_a_valid_plan(digits16: Path) -> None:
     spec = parse_study(orchestration_study("bench-orchestration", digits16, steps=30))
     plans = plan_study(spec)  # reads the manifests and checks the few-shot classes, as `mixer-study run` does
-    assert len(plans) == 2 and spec.resources.workers_per_trial == 2
+    assert len(plans) == TRIALS and spec.resources.workers_per_trial == WORKERS == 1  # trials run in process
     assert spec.base.model.variant == "Nano-4" and spec.base.fewshot.train
