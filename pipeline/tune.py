@@ -255,10 +255,12 @@ def resume_study(name: str, *, address: str | None = None, storage: str | None =
     spec = load_stored_spec(name, storage)
     storage = resolve_storage(storage)
     tune_dir = _join(storage, name, "tune")
-    if not tune.Tuner.can_restore(tune_dir):
-        raise StudyError(f"study '{name}' has no Tune state at {tune_dir}: start it with `mixer-study run`")
-    tracking_uri = connect_tracking(spec.tracking.uri, embedded_ray=is_embedded(address))
+    # The lock first: a study whose driver is still starting (planning, measuring the throughput table) has no Tune
+    # state yet, and "another driver is running it" is the true answer then.
     with StudyLock(_join(storage, name)):  # one driver per study (pipeline.lock); re-entrant from run_study
+        if not tune.Tuner.can_restore(tune_dir):
+            raise StudyError(f"study '{name}' has no Tune state at {tune_dir}: start it with `mixer-study run`")
+        tracking_uri = connect_tracking(spec.tracking.uri, embedded_ray=is_embedded(address))
         return _resume_locked(spec, tune_dir, tracking_uri, address=address, write=write)
 
 
