@@ -11,7 +11,7 @@ import torch
 from pipeline.plan import plan_study
 from pipeline.spec import parse_study
 from pipeline.throughput_table import prepare_throughput_table, record_rows, tabled_keys
-from tests.conftest import study_dict
+from tests.conftest import cli_env, run_cli, study_dict, write_study
 from workers.models.registry import build_model
 from workers.names import (
     DEVICE_KIND_TAG,
@@ -24,6 +24,8 @@ from workers.names import (
     PERF_THROUGHPUT_RUN_TAG,
     PERF_THROUGHPUT_SOURCE_TAG,
     PERF_THROUGHPUT_STABLE,
+    ROLE_TAG,
+    ROLE_TRIAL,
     THROUGHPUT_EXPERIMENT,
     THROUGHPUT_FROM_TABLE,
     THROUGHPUT_FROM_TRIAL,
@@ -118,3 +120,26 @@ def test_a_trial_logs_the_tables_figure_else_measures_its_own(tracking_uri, clie
     assert metrics[PERF_IMG_PER_S_PER_CORE] > 0 and PERF_IMG_PER_S_PER_CORE_SPREAD not in metrics
     record_rows(client, "cpu:some other CPU", [(ThroughputKey.of_model(model, "fp32", CPU, 2), tabled)])
     assert trial_throughput(model, "fp32", CPU, 2, tracking_uri)[1][PERF_THROUGHPUT_SOURCE_TAG] == THROUGHPUT_FROM_TRIAL
+
+
+@pytest.mark.slow
+def test_a_studys_trial_logs_the_tables_figure(tmp_path, digits16):
+    """`mixer-study run` end to end: the driver fills the table before the trial, the trial's rank 0 logs its entry."""
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    study = study_dict("tabled", digits16, train={"steps": 20, "eval_every": 10, "checkpoint_every": 10},
+                       resources={"workers_per_trial": 1, "cpus_per_worker": 1})
+    result = run_cli(["run", str(write_study(tmp_path / "tabled.yaml", study)), "--tracking-uri", uri, "--storage",
+                      str(tmp_path / "runs")], cli_env(tmp_path), timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "inference throughput Nano-4 16px 10cls" in result.stdout
+
+    client = MlflowClient(uri)
+    [table] = table_runs(client)
+    [trial] = client.search_runs([client.get_experiment_by_name("tabled").experiment_id],
+                                 f"tags.`{ROLE_TAG}` = '{ROLE_TRIAL}'")
+    assert trial.data.tags[PERF_THROUGHPUT_SOURCE_TAG] == THROUGHPUT_FROM_TABLE
+    assert trial.data.tags[PERF_THROUGHPUT_RUN_TAG] == table.info.run_id
+    for name in (PERF_IMG_PER_S_PER_CORE, PERF_IMG_PER_S_PER_CORE_SPREAD, PERF_BEST_BATCH_SIZE):
+        assert trial.data.metrics[name] == table.data.metrics[name]
