@@ -143,17 +143,19 @@ def time_calls(fn: Callable[[], Any], repeats: int, budget_s: float, warmup: int
     return times
 
 
-def interleaved_medians(fns: dict[str, Callable[[], Any]], passes: int) -> dict[str, float]:
+def interleaved_medians(fns: dict[str, Callable[[], Any]], passes: int,
+                        clock: Callable[[], float] = time.perf_counter) -> dict[str, float]:
     """Median seconds of each function over ``passes`` rounds, calling them in turn within each round (after one
-    untimed warm-up round), so that all of them see the same background load and their ratios hold."""
+    untimed warm-up round), so that all of them see the same background load and their ratios hold. ``clock``:
+    wall time by default; ``time.process_time`` gives this process's CPU seconds (per-core rates on a busy host)."""
     for fn in fns.values():
         fn()
     times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(max(1, passes)):
         for name, fn in fns.items():
-            start = time.perf_counter()
+            start = clock()
             fn()
-            times[name].append(time.perf_counter() - start)
+            times[name].append(clock() - start)
     return {name: statistics.median(t) for name, t in times.items()}
 
 

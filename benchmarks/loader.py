@@ -1,8 +1,14 @@
 """Section 3, ``loader``: samples/s of ONE loader process, and whether the loader keeps a training step fed.
 
 The loader is the trials' own (``ShardDataset`` + ``make_loader``, ``num_workers=0``), on digits at 16 px with the
-CPU studies' pad crop, and on synthetic 224 px JPEGs (256 px shorter side, photo-like) with the paper's
-augmentation (inception crop, flip, RandAugment(2, 15)). Cases alternate pass by pass (``interleaved_medians``).
+CPU studies' pad crop, and on synthetic JPEGs viewed at 224 px with the paper's augmentation (inception crop, flip,
+RandAugment(2, 15)). The JPEGs (``_synthetic_photo``): a smooth random colour field (bicubic from 6 x 8 random
+colours), a linear brightness gradient, six hard-edged rectangles and two lines of random colours (the edges and
+flat regions a photo has), and mild per-pixel noise (+-12 levels); stored at shorter side 256 (four photo aspect
+ratios), quality 90, about the size in bytes of a real photo's JPEG at that resolution. Beside the loader, the
+views alone (JPEG bytes -> HxWx3 uint8, what one loader core does per image before ``to_tensor``) are timed
+against a plain timm-style PIL pipeline on the same JPEGs (``benchmarks.timm_style``). Cases alternate pass by
+pass (``interleaved_medians``).
 
 Reading the first table: ``samples/s`` per process; the digits row's note is its rate over a bare PNG-decode loop,
 "later epochs" is the rate with the trials' memory cache warm, "read fraction 0.1" the time of a nested 10 % subset
@@ -16,7 +22,9 @@ of section 2a (``--paper``) at the JPEG rate.
 from __future__ import annotations
 
 import math
+import random
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -53,13 +61,23 @@ def _drain(loader) -> int:
 
 
 def _synthetic_photo(rng: np.random.Generator, height: int, width: int) -> np.ndarray:
-    """A photo-like uint8 image: a smooth random colour field (bicubic from 6x8) plus mild per-pixel noise, so its
-    JPEG has a photo's size and decode cost (pure noise would decode slower, a flat image faster)."""
-    from PIL import Image
+    """A photo-like uint8 image (module docstring): smooth colour field + gradient + hard edges + mild noise, so
+    its JPEG has a photo's size and decode cost (pure noise would decode slower, a flat image faster)."""
+    from PIL import Image, ImageDraw
 
     low = rng.integers(0, 256, size=(6, 8, 3), dtype=np.uint8)
-    smooth = np.asarray(Image.fromarray(low).resize((width, height), Image.Resampling.BICUBIC), dtype=np.int16)
-    return np.clip(smooth + rng.integers(-12, 13, size=(height, width, 3)), 0, 255).astype(np.uint8)
+    image = Image.fromarray(low).resize((width, height), Image.Resampling.BICUBIC)
+    draw = ImageDraw.Draw(image)
+    for _ in range(6):
+        x, y = int(rng.integers(0, width - 16)), int(rng.integers(0, height - 16))
+        w, h = int(rng.integers(8, width // 3)), int(rng.integers(8, height // 3))
+        draw.rectangle((x, y, x + w, y + h), fill=tuple(int(v) for v in rng.integers(0, 256, 3)))
+    for _ in range(2):
+        ends = [(int(rng.integers(0, width)), int(rng.integers(0, height))) for _ in range(2)]
+        draw.line(ends, fill=tuple(int(v) for v in rng.integers(0, 256, 3)), width=3)
+    gradient = np.linspace(-40, 40, width, dtype=np.float32)[None, :, None]
+    noise = rng.integers(-12, 13, size=(height, width, 3))
+    return np.clip(np.asarray(image, dtype=np.float32) + gradient + noise, 0, 255).astype(np.uint8)
 
 
 def _write_jpegs(out_dir: str, count: int):
@@ -106,6 +124,8 @@ def _digits_section(config: BenchConfig, manifest, write: Write) -> dict:
 
 
 def _jpeg_section(config: BenchConfig, tmp: str, write: Write) -> dict:
+    from benchmarks.timm_style import timm_style_eval_view, timm_style_train_view
+    from workers.data.augment import eval_array, needed_shorter_side, train_view
     from workers.data.fractions import fraction_slices
     from workers.data.reader import ShardDataset, decode_pil, iter_samples, make_loader
 
@@ -122,8 +142,16 @@ def _jpeg_section(config: BenchConfig, tmp: str, write: Write) -> dict:
 
     fns: dict[str, Callable[[], Any]] = {k: reader(*v) for k, v in views.items()}
     fns["decode_only"] = lambda: [decode_pil(b) for b in raw]
-    write(f"[bench] loader: {JPEG_SIZE} px JPEG views, {config.jpeg_passes} interleaved passes ...")
-    seconds = interleaved_medians(fns, config.jpeg_passes)
+    # The views alone, JPEG bytes -> uint8 array, as the loader computes them (decode at the side the view needs).
+    train_side, eval_side = (needed_shorter_side(JPEG_SIZE, c, t) for t, c in (views["paper"], views["eval"]))
+    fns["paper_view"] = lambda: [train_view(decode_pil(b, train_side), JPEG_SIZE, PAPER_AUGMENT, random.Random(i))
+                                 for i, b in enumerate(raw)]
+    fns["eval_view_only"] = lambda: [eval_array(decode_pil(b, eval_side), JPEG_SIZE, views["eval"][1]) for b in raw]
+    fns["timm_train"] = lambda: [timm_style_train_view(b, JPEG_SIZE, random.Random(i)) for i, b in enumerate(raw)]
+    fns["timm_eval"] = lambda: [timm_style_eval_view(b, JPEG_SIZE) for b in raw]
+    write(f"[bench] loader: {JPEG_SIZE} px JPEG views, {config.jpeg_passes} interleaved passes (CPU time) ...")
+    # CPU seconds of this (single-threaded) process: a rate per core that other jobs on the host do not dilute.
+    seconds = interleaved_medians(fns, config.jpeg_passes, clock=time.process_time)
     n = manifest.num_samples
     rates = {k: n / s for k, s in seconds.items()}
     return {"image_size": JPEG_SIZE, "stored_shorter_side": JPEG_SHORTER_SIDE, "samples": n,
@@ -131,7 +159,11 @@ def _jpeg_section(config: BenchConfig, tmp: str, write: Write) -> dict:
             "augment_paper": PAPER_AUGMENT.model_dump(mode="json", exclude_defaults=True),
             "samples_per_s_per_process": rates["paper"], "inception_flip_samples_per_s": rates["inception_flip"],
             "eval_view_samples_per_s": rates["eval"], "decode_only_samples_per_s": rates["decode_only"],
-            "paper_over_inception_flip_time": seconds["paper"] / seconds["inception_flip"]}
+            "paper_over_inception_flip_time": seconds["paper"] / seconds["inception_flip"],
+            "views_img_per_s_per_core": {"paper": rates["paper_view"], "eval": rates["eval_view_only"],
+                                         "timm_style_train": rates["timm_train"],
+                                         "timm_style_eval": rates["timm_eval"]},
+            "paper_view_over_timm_style": rates["paper_view"] / rates["timm_train"]}
 
 
 def _ratio_section(config: BenchConfig, manifest, device: torch.device, loader_rate: float, write: Write) -> dict:
@@ -204,6 +236,14 @@ def bench_loader(config: BenchConfig, device: torch.device, train_rows: list[dic
         ["  inception crop + flip only", "", f"{jpeg['inception_flip_samples_per_s']:,.0f}", ""],
         ["  eval view (resize 256, centre crop 224)", "", f"{jpeg['eval_view_samples_per_s']:,.0f}", ""],
         ["  JPEG decode only (full size)", "", f"{jpeg['decode_only_samples_per_s']:,.0f}", ""],
+        ["JPEG -> 224 px uint8 view, no loader: paper train view", "",
+         f"{jpeg['views_img_per_s_per_core']['paper']:,.0f}",
+         f"{jpeg['paper_view_over_timm_style']:.2f}x the timm-style pipeline"],
+        ["  timm-style PIL: RRC + flip + rand-m15-n2 (benchmarks.timm_style)", "",
+         f"{jpeg['views_img_per_s_per_core']['timm_style_train']:,.0f}", ""],
+        ["  eval view (resize 256, centre crop 224)", "", f"{jpeg['views_img_per_s_per_core']['eval']:,.0f}", ""],
+        ["  timm-style eval (bicubic resize 256, centre crop 224)", "",
+         f"{jpeg['views_img_per_s_per_core']['timm_style_eval']:,.0f}", ""],
     ]
     ratio_rows = [[f"{ratio['variant']} {DIGITS_SIZE} px batch {ratio['batch_size']}, {ratio['steps']} steps (cached)",
                    f"{ratio['ratio']:.2f}", f"{ratio['predicted_ratio_serial']:.2f}",
