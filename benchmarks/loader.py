@@ -8,11 +8,14 @@ flat regions a photo has), and mild per-pixel noise (+-12 levels); stored at sho
 ratios), quality 90, about the size in bytes of a real photo's JPEG at that resolution. Beside the loader, the
 views alone (JPEG bytes -> HxWx3 uint8, what one loader core does per image before ``to_tensor``) are timed
 against a plain timm-style PIL pipeline on the same JPEGs (``benchmarks.timm_style``). Cases alternate pass by
-pass (``interleaved_medians``).
+pass (``interleaved_medians``); the JPEG cases are timed in CPU seconds of this single-threaded process, so their
+rates are per core even on a host busy with other work (the digits and step cases in wall time).
 
 Reading the first table: ``samples/s`` per process; the digits row's note is its rate over a bare PNG-decode loop,
 "later epochs" is the rate with the trials' memory cache warm, "read fraction 0.1" the time of a nested 10 % subset
-over the full pass; the JPEG rows break the paper's augmentation down (no RandAugment, the eval view, decode only).
+over the full pass; the JPEG rows break the paper's augmentation down (no RandAugment, the eval view, decode only),
+then give the views without the loader beside the timm-style pipeline's (docs/benchmarks.md "Loader at the paper's
+shape").
 Reading the second: ``ratio`` = the time of N steps fed by the loader over N steps on one in-memory batch (<= 1.05:
 the loader is not the bottleneck), ``predicted`` = 1 + step rate / loader rate (loader and step serial in one
 process), ``procs needed`` = ceil(step img/s / one loader process's samples/s), also for every 224 px training row
