@@ -95,7 +95,7 @@ def init_ray(address: str | None) -> None:
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     # A 1-worker trial checkpoints through Tune, and Tune saves its experiment state whenever a trial has checkpointed
     # num_to_keep times since the last save (so a restore never points at a deleted checkpoint); that is wanted, and
-    # its "may become a bottleneck" warning (a few ms of local JSON each time) would only drown the progress lines.
+    # its "may become a bottleneck" warning (once per checkpoint here) would only drown the progress lines.
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     embedded = is_embedded(address)
     if embedded:
