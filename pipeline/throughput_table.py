@@ -14,7 +14,8 @@ min, max, the number of repetitions and whether the tolerance was met (``perf/th
 
 Where: the experiment ``mixer-study-throughput`` of the study's tracking store, one run per key and device kind
 (``cpu:<CPU model>``, ``cuda:<GPU name>``), the key as tags. A later study on the same store finds it there and does
-not measure again; delete a run to have it measured anew. A trial's rank-0 worker reads the entry of its own key and
+not measure again, unless the run was not stable (its cores were contended, e.g. by processes outside Ray): then it
+measures anew. Delete a run to have it measured anew. A trial's rank-0 worker logs the latest entry of its own key and
 device kind (``workers.training.ray_entry``) and measures once inside the trial only where the table has none.
 """
 
@@ -31,7 +32,7 @@ from mlflow.tracking import MlflowClient
 from pipeline.plan import TrialPlan
 from pipeline.spec import StudySpec
 from pipeline.tracking import experiment_id
-from workers.names import DEVICE_KIND_TAG, ROLE_TAG, ROLE_THROUGHPUT, THROUGHPUT_EXPERIMENT
+from workers.names import DEVICE_KIND_TAG, PERF_THROUGHPUT_STABLE, ROLE_TAG, ROLE_THROUGHPUT, THROUGHPUT_EXPERIMENT
 from workers.training.mlflow_logger import tag_filter
 from workers.training.throughput import StableThroughput, ThroughputKey, measure_table_rows
 
@@ -50,7 +51,8 @@ def table_requests(plans: list[TrialPlan]) -> list[tuple[str, int, int, str]]:
 
 
 def tabled_keys(client: MlflowClient) -> set[tuple[str, ThroughputKey]]:
-    """Every (device kind, key) the store's throughput table holds a finished run of.
+    """Every (device kind, key) the store's throughput table holds a finished, stable run of (an unstable one is
+    measured again by the next study).
 
     Args:
         client: the tracking store's client.
@@ -60,7 +62,8 @@ def tabled_keys(client: MlflowClient) -> set[tuple[str, ThroughputKey]]:
         return set()
     runs = client.search_runs([experiment.experiment_id], tag_filter({ROLE_TAG: ROLE_THROUGHPUT})
                               + " and attributes.status = 'FINISHED'", max_results=10_000)
-    return {(run.data.tags[DEVICE_KIND_TAG], ThroughputKey.from_tags(run.data.tags)) for run in runs}
+    return {(run.data.tags[DEVICE_KIND_TAG], ThroughputKey.from_tags(run.data.tags)) for run in runs
+            if run.data.metrics.get(PERF_THROUGHPUT_STABLE) == 1.0}
 
 
 def record_rows(client: MlflowClient, kind: str, rows: list[tuple[ThroughputKey, StableThroughput]]) -> list[str]:
