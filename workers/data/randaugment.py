@@ -26,7 +26,7 @@ import numpy as np
 from PIL import Image
 
 _MAX_LEVEL = 10.0  # the magnitude that maps to each op's "full" strength; larger magnitudes extrapolate (no clip)
-_REPLACE = (128, 128, 128)  # fill of pixels that geometric ops and cutout uncover (RandAugment's replace_value)
+REPLACE_VALUE = (128, 128, 128)  # fill of pixels that geometric ops and cutout uncover (RandAugment's replace_value)
 _TRANSLATE_CONST = 100  # RandAugment HParams(cutout_const=40, translate_const=100): absolute pixels
 _CUTOUT_CONST = 40
 _VALUES = np.arange(256, dtype=np.uint8)  # every uint8 level: an op evaluated on these is its look-up table
@@ -77,10 +77,16 @@ def _rgb_to_grayscale(image: np.ndarray) -> np.ndarray:
     return (gray * np.float32(255.5)).astype(np.uint8)
 
 
-def autocontrast(image: np.ndarray) -> np.ndarray:
-    """Per channel, stretch [min, max] to [0, 255] (``im * scale - lo * scale``, float32, clipped, truncated)."""
+def autocontrast_tables(histograms: np.ndarray) -> list[np.ndarray | None]:
+    """AutoContrast's table per channel from its 256-bin histogram (None: a constant channel, left as is).
+
+    Per channel, [min, max] stretches to [0, 255] (``im * scale - lo * scale``, float32, clipped, truncated).
+
+    Args:
+        histograms: 3 x 256 pixel counts (one row per channel).
+    """
     tables: list[np.ndarray | None] = []
-    for hist in _histograms(image):
+    for hist in histograms:
         present = np.flatnonzero(hist)
         lo, hi = np.float32(present[0]), np.float32(present[-1])
         if hi > lo:
@@ -89,17 +95,26 @@ def autocontrast(image: np.ndarray) -> np.ndarray:
             tables.append(np.clip(_VALUES.astype(np.float32) * scale + offset, 0.0, 255.0).astype(np.uint8))
         else:
             tables.append(None)
-    return _lookup_per_channel(image, tables)
+    return tables
 
 
-def equalize(image: np.ndarray) -> np.ndarray:
-    """PIL-style histogram equalisation per channel, exactly TF's integer LUT.
+def autocontrast(image: np.ndarray) -> np.ndarray:
+    """Per channel, stretch [min, max] to [0, 255] (:func:`autocontrast_tables`)."""
+    return _lookup_per_channel(image, autocontrast_tables(_histograms(image)))
 
-    ``step = (sum(nonzero histogram) - its last entry) // 255``; ``lut = (cumsum + step // 2) // step`` shifted
-    right by one (prepending 0), clipped to 255; a channel with step 0 (one value dominating) is left as is.
+
+def equalize_tables(histograms: np.ndarray) -> list[np.ndarray | None]:
+    """Equalize's table per channel from its 256-bin histogram (None: the channel is left as is).
+
+    PIL-style histogram equalisation, exactly TF's integer LUT: ``step = (sum(nonzero histogram) - its last
+    entry) // 255``; ``lut = (cumsum + step // 2) // step`` shifted right by one (prepending 0), clipped to 255; a
+    channel with step 0 (one value dominating) is left as is.
+
+    Args:
+        histograms: 3 x 256 pixel counts (one row per channel).
     """
     tables: list[np.ndarray | None] = []
-    for hist in _histograms(image):
+    for hist in histograms:
         nonzero = hist[hist != 0]
         step = (int(nonzero.sum()) - int(nonzero[-1])) // 255
         if step == 0:
@@ -107,7 +122,12 @@ def equalize(image: np.ndarray) -> np.ndarray:
             continue
         lut = (np.cumsum(hist) + step // 2) // step
         tables.append(np.clip(np.concatenate([[0], lut[:-1]]), 0, 255).astype(np.uint8))
-    return _lookup_per_channel(image, tables)
+    return tables
+
+
+def equalize(image: np.ndarray) -> np.ndarray:
+    """PIL-style histogram equalisation per channel, exactly TF's integer LUT (:func:`equalize_tables`)."""
+    return _lookup_per_channel(image, equalize_tables(_histograms(image)))
 
 
 def invert(image: np.ndarray) -> np.ndarray:
@@ -155,9 +175,19 @@ def contrast(image: np.ndarray, factor: float) -> np.ndarray:
     grey level (a known quirk of tensorflow/tpu's autoaugment that big_vision kept). The constant is therefore
     ``min(255, trunc(H * W / 256))``: 196 at 224 x 224, 4 at 32 x 32.
     """
-    mean = np.float32(image.shape[0] * image.shape[1]) / np.float32(256.0)  # the histogram's sum: the pixel count
+    return _lookup(image, contrast_table(image.shape[0] * image.shape[1], factor))
+
+
+def contrast_table(num_pixels: int, factor: float) -> np.ndarray:
+    """Contrast's 256-level table for an image of ``num_pixels`` pixels (:func:`contrast`).
+
+    Args:
+        num_pixels: H * W (TF's "mean" is this count / 256).
+        factor: the blend factor.
+    """
+    mean = np.float32(num_pixels) / np.float32(256.0)  # the histogram's sum: the pixel count
     degenerate = np.full_like(_VALUES, np.uint8(np.clip(mean, 0.0, 255.0)))
-    return _lookup(image, blend(degenerate, _VALUES, factor))
+    return blend(degenerate, _VALUES, factor)
 
 
 def brightness(image: np.ndarray, factor: float) -> np.ndarray:
@@ -222,43 +252,53 @@ def _transform(image: np.ndarray, matrix: tuple[float, ...], replace: tuple[int,
     return source.view(np.dtype((np.void, 3)))[:, 0].take(index).view(np.uint8).reshape(h, w, 3)
 
 
-def rotate(image: np.ndarray, degrees: float, replace: tuple[int, int, int] = _REPLACE) -> np.ndarray:
-    """``tfa.image.rotate`` by ``degrees`` about the image centre (positive: counter-clockwise on screen).
+def rotate(image: np.ndarray, degrees: float, replace: tuple[int, int, int] = REPLACE_VALUE) -> np.ndarray:
+    """``tfa.image.rotate`` by ``degrees`` about the image centre (positive: counter-clockwise on screen)."""
+    h, w = image.shape[:2]
+    return _transform(image, rotation_matrix(h, w, degrees), replace)
+
+
+def rotation_matrix(h: int, w: int, degrees: float) -> tuple[float, ...]:
+    """The (a0, a1, a2, b0, b1, b2) output -> input map of :func:`rotate` on an h x w image.
 
     tfa's ``angles_to_projective_transforms``: input = (cos x - sin y + x_off, sin x + cos y + y_off) with offsets
     that keep the centre ((w - 1) / 2, (h - 1) / 2) fixed; cos/sin in float32 as TF.
+
+    Args:
+        h: image height.
+        w: image width.
+        degrees: the rotation angle.
     """
-    h, w = image.shape[:2]
     radians = np.float32(degrees) * np.float32(math.pi / 180.0)  # float32 product, as the TF graph
     cos, sin = np.cos(radians), np.sin(radians)
     x_off = ((w - 1) - (cos * (w - 1) - sin * (h - 1))) / np.float32(2.0)
     y_off = ((h - 1) - (sin * (w - 1) + cos * (h - 1))) / np.float32(2.0)
-    return _transform(image, (cos, -sin, x_off, sin, cos, y_off), replace)
+    return (cos, -sin, x_off, sin, cos, y_off)
 
 
-def shear_x(image: np.ndarray, level: float, replace: tuple[int, int, int] = _REPLACE) -> np.ndarray:
+def shear_x(image: np.ndarray, level: float, replace: tuple[int, int, int] = REPLACE_VALUE) -> np.ndarray:
     """Shear along x: output (x, y) reads input (x + level * y, y) (TF matrix [1, level, 0; 0, 1, 0])."""
     return _transform(image, (1.0, level, 0.0, 0.0, 1.0, 0.0), replace)
 
 
-def shear_y(image: np.ndarray, level: float, replace: tuple[int, int, int] = _REPLACE) -> np.ndarray:
+def shear_y(image: np.ndarray, level: float, replace: tuple[int, int, int] = REPLACE_VALUE) -> np.ndarray:
     """Shear along y: output (x, y) reads input (x, level * x + y)."""
     return _transform(image, (1.0, 0.0, 0.0, level, 1.0, 0.0), replace)
 
 
-def translate_x(image: np.ndarray, pixels: float, replace: tuple[int, int, int] = _REPLACE) -> np.ndarray:
+def translate_x(image: np.ndarray, pixels: float, replace: tuple[int, int, int] = REPLACE_VALUE) -> np.ndarray:
     """``tfa translate(wrap(image), [-pixels, 0])``: output (x, y) reads input (x + pixels, y), i.e. the content
     moves LEFT by ``pixels`` (right for negative), uncovered columns get ``replace``."""
     return _transform(image, (1.0, 0.0, pixels, 0.0, 1.0, 0.0), replace)
 
 
-def translate_y(image: np.ndarray, pixels: float, replace: tuple[int, int, int] = _REPLACE) -> np.ndarray:
+def translate_y(image: np.ndarray, pixels: float, replace: tuple[int, int, int] = REPLACE_VALUE) -> np.ndarray:
     """Output (x, y) reads input (x, y + pixels): the content moves UP by ``pixels``."""
     return _transform(image, (1.0, 0.0, 0.0, 0.0, 1.0, pixels), replace)
 
 
 def cutout(
-    image: np.ndarray, pad_size: int, center: tuple[int, int], replace: tuple[int, int, int] = _REPLACE
+    image: np.ndarray, pad_size: int, center: tuple[int, int], replace: tuple[int, int, int] = REPLACE_VALUE
 ) -> np.ndarray:
     """Fill rows [cy - pad_size, cy + pad_size) x cols [cx - pad_size, cx + pad_size) (clipped) with ``replace``.
 
