@@ -37,6 +37,12 @@ class AugmentConfig(_Strict):
         None, description="RandAugment [num_layers, magnitude], e.g. [2, 15] as big_vision; null = off"
     )
     mixup: float = Field(0.0, ge=0.0, description="mixup Beta(p, p) parameter (big_vision p=0.5); 0 = off")
+    pixel_ops: Literal["exact", "fast"] = Field(
+        "exact",
+        description="exact: TF's arithmetic bit for bit (the crop's bilinear resample, RandAugment); fast: one Pillow"
+        " C call per step on a PIL image (crop + resize as one resize(box=), RandAugment's ops via Image.point /"
+        " transform / blend), the same crop boxes and op draws, pixels within a few levels (docs/benchmarks.md)",
+    )
     eval_crop_fraction: float = Field(
         0.875, gt=0.0, le=1.0,
         description="evaluation view: resize the shorter side to image_size / this, then central crop image_size"

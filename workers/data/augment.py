@@ -8,8 +8,10 @@ views from a :class:`workers.config.AugmentConfig`; :func:`mixup` is ``big_visio
 RandAugment's op table and ops are in ``workers.data.randaugment`` (re-exported here).
 
 Conventions: crops and resizes (resampling) work on PIL images; pixel ops (pad crop, flip, RandAugment) on
-HxWx3 uint8 numpy arrays, which is what TF's ops see. All randomness comes from the ``random.Random`` passed in,
-so a (seed, epoch, slot) stream in the shard reader reproduces every view exactly.
+HxWx3 uint8 numpy arrays, which is what TF's ops see. ``pixel_ops: fast`` (:func:`_fast_train_view`) keeps the
+training view a PIL image to the end instead, one Pillow call per step, with the same draws. All randomness comes
+from the ``random.Random`` passed in, so a (seed, epoch, slot) stream in the shard reader reproduces every view
+exactly.
 
 Sources matched (``git show HEAD:<path>`` in the big_vision mirror):
 
@@ -58,6 +60,7 @@ from workers.data.randaugment import (
     translate_x,
     translate_y,
 )
+from workers.data.randaugment_pil import RandAugmentPIL
 
 __all__ = [
     "RANDAUG_OPS", "RandAugOp", "RandAugment", "autocontrast", "blend", "brightness", "central_crop", "color",
@@ -267,10 +270,12 @@ def train_view(image: Image.Image | np.ndarray, size: int, cfg: AugmentConfig, r
     (the shard reader's memory cache holds them so): it is never written to.
     """
     if isinstance(image, np.ndarray):
-        if cfg.crop == "pad" and image.shape[:2] == (size, size):
+        if cfg.crop == "pad" and image.shape[:2] == (size, size) and cfg.pixel_ops == "exact":
             return _flip_randaug(pad_crop(image, cfg.pad, rng), cfg, rng)
         image = Image.fromarray(image)
     image = _rgb(image)
+    if cfg.pixel_ops == "fast":
+        return _fast_train_view(image, size, cfg, rng)
     if cfg.crop == "inception":
         crop = inception_crop(image, size, rng, area_min=cfg.area_min)
         if cfg.flip and rng.random() < 0.5:  # flip_lr's one draw, as a PIL transpose (C) of the uint8 image
@@ -283,6 +288,30 @@ def train_view(image: Image.Image | np.ndarray, size: int, cfg: AugmentConfig, r
     else:
         array = np.asarray(eval_view(image, size, cfg.eval_crop_fraction))
     return _flip_randaug(array, cfg, rng)
+
+
+def _fast_train_view(image: Image.Image, size: int, cfg: AugmentConfig, rng: random.Random) -> np.ndarray:
+    """``pixel_ops: fast``: the same draws as the exact path (crop box, flip, ops), each step one Pillow call on the
+    PIL image and one array at the end.
+
+    The inception crop is ``resize(BILINEAR, box=crop)`` of the whole image: Pillow's triangle filter, which
+    widens its support when it shrinks (TF's antialias=False does not) and reads the pixels just outside the box
+    at its edges (TF clamps at the crop), rounded where TF truncates. RandAugment: :class:`RandAugmentPIL`.
+    """
+    if cfg.crop == "inception":
+        x, y, w, h = sample_crop_box(image.width, image.height, rng, area_min=cfg.area_min)
+        image = image.resize((size, size), Image.Resampling.BILINEAR, box=(x, y, x + w, y + h))
+    elif cfg.crop == "pad":
+        if image.size != (size, size):
+            image = eval_view(image, size, 1.0)
+        image = Image.fromarray(pad_crop(np.asarray(image), cfg.pad, rng))
+    else:
+        image = eval_view(image, size, cfg.eval_crop_fraction)
+    if cfg.flip and rng.random() < 0.5:  # flip_lr's one draw
+        image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    if cfg.randaug is not None:
+        image = RandAugmentPIL(*cfg.randaug)(image, rng)
+    return np.asarray(image)
 
 
 def _flip_randaug(array: np.ndarray, cfg: AugmentConfig, rng: random.Random) -> np.ndarray:
