@@ -13,13 +13,13 @@ rates are per core even on a host busy with other work (the digits and step case
 
 Reading the first table: ``samples/s`` per process; the digits row's note is its rate over a bare PNG-decode loop,
 "later epochs" is the rate with the trials' memory cache warm, "read fraction 0.1" the time of a nested 10 % subset
-over the full pass; the JPEG rows break the paper's augmentation down (no RandAugment, the eval view, decode only),
-then give the views without the loader beside the timm-style pipeline's (docs/benchmarks.md "Loader at the paper's
-shape").
+over the full pass; the JPEG rows break the paper's augmentation down (``pixel_ops: fast``, no RandAugment, the eval
+view, decode only), then give the views without the loader beside the timm-style pipeline's (docs/benchmarks.md
+"Loader at the paper's shape").
 Reading the second: ``ratio`` = the time of N steps fed by the loader over N steps on one in-memory batch (<= 1.05:
 the loader is not the bottleneck), ``predicted`` = 1 + step rate / loader rate (loader and step serial in one
 process), ``procs needed`` = ceil(step img/s / one loader process's samples/s), also for every 224 px training row
-of section 2a (``--paper``) at the JPEG rate.
+of section 2a (``--paper``) at the JPEG rate, exact and fast.
 """
 
 from __future__ import annotations
@@ -54,6 +54,7 @@ from workers.training.optim import build_optimizer
 
 CACHE_MB = DataConfig.model_fields["cache_mb"].default  # the trials' default memory cache (workers.data.reader)
 PAPER_AUGMENT = AugmentConfig(crop="inception", flip=True, randaug=(2, 15))  # big_vision mlp_mixer_i1k.py
+PAPER_AUGMENT_FAST = PAPER_AUGMENT.model_copy(update={"pixel_ops": "fast"})  # as studies/paper_*.yaml run it
 JPEG_SIZE = 224
 JPEG_SHORTER_SIDE = 256
 JPEG_SHAPES = ((256, 256), (256, 341), (341, 256), (256, 384))  # (height, width): shorter side 256, photo aspects
@@ -136,8 +137,8 @@ def _jpeg_section(config: BenchConfig, tmp: str, write: Write) -> dict:
     manifest = _write_jpegs(tmp, config.jpeg_images)
     slices = fraction_slices(manifest, 1.0)
     raw = [image for _key, image, _label in iter_samples([manifest.shard_url(s) for s in manifest.shards])]
-    views = {"paper": (True, PAPER_AUGMENT), "inception_flip": (True, AugmentConfig(crop="inception", flip=True)),
-             "eval": (False, AugmentConfig())}
+    views = {"paper": (True, PAPER_AUGMENT), "paper_fast": (True, PAPER_AUGMENT_FAST),
+             "inception_flip": (True, AugmentConfig(crop="inception", flip=True)), "eval": (False, AugmentConfig())}
 
     def reader(train: bool, augment: AugmentConfig) -> Callable[[], int]:
         return lambda: _drain(make_loader(ShardDataset(slices, train=train, seed=0, augment=augment,
@@ -149,6 +150,8 @@ def _jpeg_section(config: BenchConfig, tmp: str, write: Write) -> dict:
     train_side, eval_side = (needed_shorter_side(JPEG_SIZE, c, t) for t, c in (views["paper"], views["eval"]))
     fns["paper_view"] = lambda: [train_view(decode_pil(b, train_side), JPEG_SIZE, PAPER_AUGMENT, random.Random(i))
                                  for i, b in enumerate(raw)]
+    fns["paper_fast_view"] = lambda: [train_view(decode_pil(b, train_side), JPEG_SIZE, PAPER_AUGMENT_FAST,
+                                                 random.Random(i)) for i, b in enumerate(raw)]
     fns["eval_view_only"] = lambda: [eval_array(decode_pil(b, eval_side), JPEG_SIZE, views["eval"][1]) for b in raw]
     fns["timm_train"] = lambda: [timm_style_train_view(b, JPEG_SIZE, random.Random(i)) for i, b in enumerate(raw)]
     fns["timm_eval"] = lambda: [timm_style_eval_view(b, JPEG_SIZE) for b in raw]
@@ -160,13 +163,16 @@ def _jpeg_section(config: BenchConfig, tmp: str, write: Write) -> dict:
     return {"image_size": JPEG_SIZE, "stored_shorter_side": JPEG_SHORTER_SIDE, "samples": n,
             "mean_jpeg_bytes": sum(map(len, raw)) / len(raw), "batch_size": config.jpeg_batch_size,
             "augment_paper": PAPER_AUGMENT.model_dump(mode="json", exclude_defaults=True),
-            "samples_per_s_per_process": rates["paper"], "inception_flip_samples_per_s": rates["inception_flip"],
+            "samples_per_s_per_process": rates["paper"], "fast_samples_per_s_per_process": rates["paper_fast"],
+            "inception_flip_samples_per_s": rates["inception_flip"],
             "eval_view_samples_per_s": rates["eval"], "decode_only_samples_per_s": rates["decode_only"],
             "paper_over_inception_flip_time": seconds["paper"] / seconds["inception_flip"],
-            "views_img_per_s_per_core": {"paper": rates["paper_view"], "eval": rates["eval_view_only"],
+            "views_img_per_s_per_core": {"paper": rates["paper_view"], "paper_fast": rates["paper_fast_view"],
+                                         "eval": rates["eval_view_only"],
                                          "timm_style_train": rates["timm_train"],
                                          "timm_style_eval": rates["timm_eval"]},
-            "paper_view_over_timm_style": rates["paper_view"] / rates["timm_train"]}
+            "paper_view_over_timm_style": rates["paper_view"] / rates["timm_train"],
+            "paper_fast_view_over_timm_style": rates["paper_fast_view"] / rates["timm_train"]}
 
 
 def _ratio_section(config: BenchConfig, manifest, device: torch.device, loader_rate: float, write: Write) -> dict:
@@ -219,10 +225,11 @@ def bench_loader(config: BenchConfig, device: torch.device, train_rows: list[dic
         digits = _digits_section(config, manifest, write)
         jpeg = _jpeg_section(config, str(Path(tmp) / "jpeg"), write)
         ratio = _ratio_section(config, manifest, device, digits["cached_samples_per_s_per_process"], write)
-    jpeg_rate = jpeg["samples_per_s_per_process"]
+    jpeg_rate, fast_rate = jpeg["samples_per_s_per_process"], jpeg["fast_samples_per_s_per_process"]
     # Every timed 224 px training row (--paper): loader processes to keep its step fed with the paper's augment.
     needs = [{"variant": r["variant"], "precision": r["precision"], "mode": r["mode"], "step_img_per_s": r["img_per_s"],
-              "loader_processes_needed": max(1, math.ceil(r["img_per_s"] / jpeg_rate))}
+              "loader_processes_needed": max(1, math.ceil(r["img_per_s"] / jpeg_rate)),
+              "loader_processes_needed_fast": max(1, math.ceil(r["img_per_s"] / fast_rate))}
              for r in train_rows if r["image_size"] == JPEG_SIZE and not r["slow"]]
     rows = [
         [f"digits {DIGITS_SIZE} px, pad crop {DIGITS_PAD} (ShardDataset+loader)", f"{digits['samples']}",
@@ -236,12 +243,16 @@ def bench_loader(config: BenchConfig, device: torch.device, train_rows: list[dic
          f"time {digits['fraction_0.1']['time_ratio_over_full']:.3f} of full"],
         [f"JPEG {JPEG_SIZE} px, inception+flip+RandAugment(2,15)", f"{jpeg['samples']}",
          f"{jpeg_rate:,.0f}", f"{jpeg['paper_over_inception_flip_time']:.2f}x the time of no RandAugment"],
+        ["  the same, pixel_ops: fast", "", f"{jpeg['fast_samples_per_s_per_process']:,.0f}",
+         f"{jpeg['fast_samples_per_s_per_process'] / jpeg_rate:.2f}x the exact path"],
         ["  inception crop + flip only", "", f"{jpeg['inception_flip_samples_per_s']:,.0f}", ""],
         ["  eval view (resize 256, centre crop 224)", "", f"{jpeg['eval_view_samples_per_s']:,.0f}", ""],
         ["  JPEG decode only (full size)", "", f"{jpeg['decode_only_samples_per_s']:,.0f}", ""],
         ["JPEG -> 224 px uint8 view, no loader: paper train view", "",
          f"{jpeg['views_img_per_s_per_core']['paper']:,.0f}",
          f"{jpeg['paper_view_over_timm_style']:.2f}x the timm-style pipeline"],
+        ["  the same, pixel_ops: fast", "", f"{jpeg['views_img_per_s_per_core']['paper_fast']:,.0f}",
+         f"{jpeg['paper_fast_view_over_timm_style']:.2f}x the timm-style pipeline"],
         ["  timm-style PIL: RRC + flip + rand-m15-n2 (benchmarks.timm_style)", "",
          f"{jpeg['views_img_per_s_per_core']['timm_style_train']:,.0f}", ""],
         ["  eval view (resize 256, centre crop 224)", "", f"{jpeg['views_img_per_s_per_core']['eval']:,.0f}", ""],
@@ -252,9 +263,11 @@ def bench_loader(config: BenchConfig, device: torch.device, train_rows: list[dic
                    f"{ratio['ratio']:.2f}", f"{ratio['predicted_ratio_serial']:.2f}",
                    f"{ratio['step_consumption_img_per_s']:,.0f}", f"{ratio['loader_samples_per_s_per_process']:,.0f}",
                    str(ratio["loader_processes_needed"])]]
-    ratio_rows += [[f"{n['variant']} {JPEG_SIZE} px {n['precision']} {n['mode']} (paper augment)", "", "",
-                    format_rate(n["step_img_per_s"]), f"{jpeg_rate:,.0f}", str(n["loader_processes_needed"])]
-                   for n in needs]
+    ratio_rows += [[f"{n['variant']} {JPEG_SIZE} px {n['precision']} {n['mode']} (paper augment{label})", "", "",
+                    format_rate(n["step_img_per_s"]), f"{rate:,.0f}", str(n[key])]
+                   for n in needs
+                   for label, rate, key in (("", jpeg_rate, "loader_processes_needed"),
+                                            (", fast", fast_rate, "loader_processes_needed_fast"))]
     table = (format_table(["loader (one process, num_workers=0)", "samples", "samples/s", "note"], rows) + "\n\n"
              + format_table(["step fed by the loader vs one in-memory batch", "ratio", "predicted", "step img/s",
                              "loader/s/proc", "procs needed"], ratio_rows))
