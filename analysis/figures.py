@@ -224,7 +224,8 @@ def _note(ax: Axes, message: str) -> None:
     ax.set_axis_off()
 
 
-def _save(fig: Figure, out_dir: str | Path, stem: str) -> list[Path]:
+def save_figure(fig: Figure, out_dir: str | Path, stem: str) -> list[Path]:
+    """Write ``fig`` as ``<out_dir>/<stem>.png`` and ``.pdf`` (150 dpi, tight), the one format of every figure."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = [out / f"{stem}.{ext}" for ext in ("png", "pdf")]
@@ -263,7 +264,7 @@ def fig2_left(
     df: pd.DataFrame, out_dir: str | Path, quality: str = "fewshot_5shot", cost: str = "train_flops"
 ) -> list[Path]:
     """Accuracy vs total pre-training compute (log x), points per variant, Pareto frontier dashed."""
-    return _save(_build_fig2_left(df, quality, cost), out_dir, f"fig2_left_{quality}_vs_{cost}")
+    return save_figure(_build_fig2_left(df, quality, cost), out_dir, f"fig2_left_{quality}_vs_{cost}")
 
 
 def _build_fig2_right(df: pd.DataFrame, quality: str) -> Figure:
@@ -285,7 +286,7 @@ def _build_fig2_right(df: pd.DataFrame, quality: str) -> Figure:
 def fig2_right(df: pd.DataFrame, out_dir: str | Path, quality: str = "fewshot_5shot") -> list[Path]:
     """Accuracy vs pre-training set size (log x), one curve per model (variant): Mixer solid, ViT dashed, BiT
     dotted, as the paper's Fig. 2 (right); hue per kind, shade per size, marker per patch size."""
-    return _save(_build_fig2_right(df, quality), out_dir, f"fig2_right_{quality}")
+    return save_figure(_build_fig2_right(df, quality), out_dir, f"fig2_right_{quality}")
 
 
 def _build_fig3(df: pd.DataFrame, quality: str) -> Figure:
@@ -321,7 +322,7 @@ def fig3(df: pd.DataFrame, out_dir: str | Path, quality: str = "fewshot_5shot") 
     axis, and each point is marked as its variant (hue per kind, shade per size, marker per patch); pass one
     study's rows at fixed data (model scale).
     """
-    return _save(_build_fig3(df, quality), out_dir, f"fig3_{quality}")
+    return save_figure(_build_fig3(df, quality), out_dir, f"fig3_{quality}")
 
 
 # Fig. 4 pipelines (the `permute` column, data.permute): tick label, legend text, colour; fixed, so a pipeline
@@ -399,7 +400,7 @@ def fig4_permutation(df: pd.DataFrame, out_dir: str | Path, quality: str = "fews
     to `patches` when its patch size is the permutation's, see workers.data.permute); under pixels Mixer drops less
     than the ResNet.
     """
-    return _save(_build_fig4(df, quality), out_dir, f"fig4_permutation_{quality}")
+    return save_figure(_build_fig4(df, quality), out_dir, f"fig4_permutation_{quality}")
 
 
 def _side(num_tokens: int) -> int:
@@ -510,7 +511,7 @@ def fig5_token_mixing(
     max_units: int = 32,
 ) -> list[Path]:
     """One row of √S×√S unit images per (D_S, S) weight (first token-mixing Linear of blocks 0, 1, ...)."""
-    return _save(_build_fig5(weights, title, max_units), out_dir, "fig5_token_mixing")
+    return save_figure(_build_fig5(weights, title, max_units), out_dir, "fig5_token_mixing")
 
 
 def _fmt_int(x: float) -> str:

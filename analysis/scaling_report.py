@@ -25,6 +25,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
+from analysis.figures import save_figure
 from analysis.pareto import pareto_front
 from analysis.scaling.bootstrap import Bootstrap, bootstrap_fit, compare
 from analysis.scaling.fit import fit_law
@@ -321,11 +322,7 @@ def write_scaling(df: pd.DataFrame, out_dir: str | Path, draws: int = 200, seed:
     paths[1].write_text(markdown_table(result))
     for scope in ("frontier", "all"):
         if any(key.endswith(f"/{scope}") for key in boots):
-            path = out_dir / f"scaling_{scope}.png"
-            frontier_figure(rows, result, boots, scope).savefig(path, dpi=120)
-            paths.append(path)
+            paths += save_figure(frontier_figure(rows, result, boots, scope), out_dir, f"scaling_{scope}")
     if "chinchilla" in boots:
-        path = out_dir / "scaling_chinchilla.png"
-        chinchilla_figure(rows, boots["chinchilla"]).savefig(path, dpi=120)
-        paths.append(path)
+        paths += save_figure(chinchilla_figure(rows, boots["chinchilla"]), out_dir, "scaling_chinchilla")
     return result, paths
