@@ -272,7 +272,8 @@ def _fit(job: TrialJob, trial: TrialConfig, worker_mlflow: dict[str, Any],
         in_tune: also report every result to Ray Tune.
     """
     if in_process(job.workers, in_tune):
-        return fit_in_process(job.trial, worker_mlflow, job.cpus_per_worker, job.gpus_per_worker)
+        return fit_in_process(job.trial, worker_mlflow, job.cpus_per_worker, job.gpus_per_worker,
+                              worker_group_run=f"{job.storage.rstrip('/')}/{job.name}")
     callbacks = []
     if in_tune:
         from ray.tune.integration.ray_train import TuneReportCallback

@@ -13,6 +13,9 @@ attempt (Tune's ``FailureConfig``) or a ``mixer-study resume`` starts from ``ray
 latest checkpoint Tune registered. Each checkpoint carries in its metadata its report's metrics and the earlier
 checkpoints of the trial with theirs, so a resumed attempt still knows every step's checkpoint (the best one may
 come from an earlier attempt).
+
+A study interrupted under an earlier revision ran its 1-worker trials in worker groups, whose checkpoints Tune does
+not know: such a trial refuses to start again from step 0 into its MLflow run (:func:`worker_group_checkpoints`).
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+import fsspec
 import ray.train
 from ray import tune
 
@@ -43,13 +47,22 @@ class InProcessResult:
 class TuneCheckpoints:
     """The :class:`~workers.training.ray_entry.Engine` calls over Ray Tune's function-trainable session."""
 
+    worker_group_run: str  # where a Ray Train run of this trial would be (``pipeline.ray_policy.train_run_config``)
     reported: Reported = field(default_factory=list)
     metrics: dict[str, Any] = field(default_factory=dict)
 
     def latest(self) -> ray.train.Checkpoint | None:
         """Tune's latest registered checkpoint of this trial (None on a first start); learns the earlier ones."""
         checkpoint = tune.get_checkpoint()
-        if checkpoint is not None:
+        if checkpoint is None:
+            left = worker_group_checkpoints(self.worker_group_run)
+            if left:
+                raise RuntimeError(
+                    f"{self.worker_group_run} holds {len(left)} checkpoint(s) of this trial from a Ray Train worker "
+                    "group (an earlier revision, which did not train 1-worker trials in their Tune trial process); "
+                    "starting it again from step 0 would mix two runs in its MLflow run: finish the study with that "
+                    "revision, or run it under another name")
+        else:
             record = checkpoint.get_metadata()
             self.reported = [(ray.train.Checkpoint(path, filesystem=checkpoint.filesystem), metrics)
                              for path, metrics in record["earlier"]] + [(checkpoint, record["metrics"])]
@@ -84,8 +97,14 @@ class TuneCheckpoints:
                                best_checkpoints=list(self.reported))
 
 
+def worker_group_checkpoints(run_url: str) -> list[str]:
+    """The checkpoint folders (``step_*``) a Ray Train run left at ``run_url`` (any fsspec URL); [] if none."""
+    fs, root = fsspec.core.url_to_fs(run_url)
+    return fs.glob(f"{root.rstrip('/')}/step_*")
+
+
 def fit_in_process(trial: dict[str, Any], worker_mlflow: dict[str, Any], cpus_per_worker: int,
-                   gpus_per_worker: int) -> InProcessResult:
+                   gpus_per_worker: int, worker_group_run: str) -> InProcessResult:
     """Pre-train a 1-worker trial in this Tune trial process (module docstring); few-shot of the best model as the
     worker group's rank 0 runs it.
 
@@ -94,8 +113,9 @@ def fit_in_process(trial: dict[str, Any], worker_mlflow: dict[str, Any], cpus_pe
         worker_mlflow: the worker's logging config (tracking_uri, run_id, system_metrics, spool).
         cpus_per_worker: CPUs the trial holds (torch threads).
         gpus_per_worker: GPUs it holds (0: train on the CPU).
+        worker_group_run: where a Ray Train run of this trial would keep its checkpoints (module docstring).
     """
-    checkpoints = TuneCheckpoints()
+    checkpoints = TuneCheckpoints(worker_group_run)
     train_in_process({"trial": trial, "mlflow": worker_mlflow, "cpus_per_worker": cpus_per_worker,
                       "gpus_per_worker": gpus_per_worker}, checkpoints.engine(), evaluate_best=fewshot_of_model)
     return checkpoints.result()

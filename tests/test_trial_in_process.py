@@ -2,7 +2,7 @@
 Tune: killed mid-trial it is retried by Tune and resumes from Tune's latest checkpoint into the same MLflow run, and
 it computes what the same recipe computes in a Ray Train worker group (`mixer-study train`, a TorchTrainer).
 
-Slow (`make test-slow`): two embedded Rays and three trial attempts, 3 min 20 s on 2 busy cores (load 10).
+The study test is slow (`make test-slow`): two embedded Rays and three trial attempts, 1.5-3.5 min on 2 busy cores.
 """
 
 from __future__ import annotations
@@ -15,11 +15,11 @@ import psutil
 import pytest
 from mlflow.tracking import MlflowClient
 
+from pipeline.trial_in_process import TuneCheckpoints, worker_group_checkpoints
 from tests.conftest import CLI, REPO, cli_env, cmdline, duplicated_points, run_cli, study_dict, write_study
 
 STEPS, LOG_EVERY, EVAL_EVERY, CHECKPOINT_EVERY = 60, 5, 10, 20
 
-pytestmark = pytest.mark.slow
 
 
 def _tune_trial_processes(driver_pid: int) -> list[psutil.Process]:
@@ -31,6 +31,17 @@ def _histories(client: MlflowClient, run_id: str, keys: tuple[str, ...]) -> dict
     return {key: sorted((m.step, m.value) for m in client.get_metric_history(run_id, key)) for key in keys}
 
 
+def test_a_trial_with_worker_group_checkpoints_does_not_start_again_in_process(tmp_path: Path) -> None:
+    run = tmp_path / "train" / "base"  # where the trial's Ray Train run kept its checkpoints before
+    assert worker_group_checkpoints(str(run)) == [] and TuneCheckpoints(str(run)).latest() is None  # a first start
+    (run / "mlflow-spool").mkdir(parents=True)  # an in-process trial's spool is no checkpoint
+    assert TuneCheckpoints(str(run)).latest() is None
+    (run / "step_00000020").mkdir()
+    with pytest.raises(RuntimeError, match=r"holds 1 checkpoint\(s\) of this trial from a Ray Train worker group"):
+        TuneCheckpoints(str(run)).latest()
+
+
+@pytest.mark.slow
 def test_one_worker_trial_in_process_resumes_from_tune_checkpoint_and_matches_ray_train(tmp_path: Path,
                                                                                         digits16: Path) -> None:
     study = study_dict("inproc", digits16, train={"steps": STEPS, "log_every": LOG_EVERY, "eval_every": EVAL_EVERY,
