@@ -21,7 +21,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import pandas as pd
@@ -87,20 +87,44 @@ def difference(a: Sequence[float], b: Sequence[float], level: float = LEVEL) -> 
         b: the same for B.
         level: the interval's coverage.
     """
-    x, y = (np.asarray(v, dtype=float) for v in (a, b))
-    x, y = x[np.isfinite(x)], y[np.isfinite(y)]
-    if not len(x) or not len(y):
-        raise ValueError(f"difference: need at least one value on each side, got {len(x)} and {len(y)}")
-    diff = float(x.mean() - y.mean())
-    if len(x) < 2 or len(y) < 2:
-        return Difference(diff, math.nan, math.nan, math.nan, len(x), len(y))
-    va, vb = x.var(ddof=1) / len(x), y.var(ddof=1) / len(y)
-    se = math.sqrt(va + vb)
-    if se == 0:  # identical replicates on both sides: no spread, the difference is exact
-        return Difference(diff, diff, diff, math.inf, len(x), len(y))
-    dof = (va + vb) ** 2 / (va ** 2 / (len(x) - 1) + vb ** 2 / (len(y) - 1))
-    half = stats.t.ppf(0.5 + level / 2, dof) * se
-    return Difference(diff, diff - half, diff + half, float(dof), len(x), len(y))
+    sizes = [int(np.isfinite(np.asarray(v, dtype=float)).sum()) for v in (a, b)]
+    if not min(sizes):
+        raise ValueError(f"difference: need at least one value on each side, got {sizes[0]} and {sizes[1]}")
+    return replace(contrast([(1.0, a), (-1.0, b)], level), n_a=sizes[0], n_b=sizes[1])
+
+
+def contrast(terms: Sequence[tuple[float, Sequence[float]]], level: float = LEVEL) -> Difference:
+    """The ``level`` interval of sum_i c_i mean(x_i) over independent groups of seeds: the Welch-Satterthwaite
+    interval of a linear contrast. ``difference`` is (1, a), (-1, b); an interaction such as "Mixer gains more from
+    data than BiT" is (1, Mixer@100 %), (-1, Mixer@3 %), (-1, BiT@100 %), (1, BiT@3 %).
+
+    Var = sum_i c_i^2 s_i^2 / n_i, dof = Var^2 / sum_i (c_i^2 s_i^2 / n_i)^2 / (n_i - 1), half-width t_dof * sqrt(Var).
+
+    Args:
+        terms: (coefficient, one value per seed) per group (non-finite values are left out).
+        level: the interval's coverage.
+
+    Returns:
+        a Difference (``n_a``/``n_b``: the smallest and largest group size); NaN bounds where a group has < 2 seeds.
+    """
+    groups = []
+    for coef, values in terms:
+        x = np.asarray(values, dtype=float)
+        x = x[np.isfinite(x)]
+        if not len(x):
+            raise ValueError("contrast: every group needs at least one value")
+        groups.append((float(coef), x))
+    estimate = float(sum(c * x.mean() for c, x in groups))
+    sizes = [len(x) for _, x in groups]
+    if min(sizes) < 2:
+        return Difference(estimate, math.nan, math.nan, math.nan, min(sizes), max(sizes))
+    parts = [c * c * x.var(ddof=1) / len(x) for c, x in groups]
+    var = sum(parts)
+    if var == 0:  # identical replicates everywhere: no spread, the contrast is exact
+        return Difference(estimate, estimate, estimate, math.inf, min(sizes), max(sizes))
+    dof = var**2 / sum(v**2 / (len(x) - 1) for v, (_, x) in zip(parts, groups))
+    half = stats.t.ppf(0.5 + level / 2, dof) * math.sqrt(var)
+    return Difference(estimate, estimate - half, estimate + half, float(dof), min(sizes), max(sizes))
 
 
 def _keys(df: pd.DataFrame) -> pd.DataFrame:

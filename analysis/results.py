@@ -30,6 +30,7 @@ METRICS = {
     names.COMPUTE_IMAGES_SEEN: "images_seen",
     names.COMPUTE_EPOCHS: "epochs",
     names.PERF_IMG_PER_S_PER_CORE: "img_per_s_per_core",
+    names.PERF_IMG_PER_S_PER_CORE_SPREAD: "img_per_s_per_core_spread",  # (max - min) / median of the table's last 3
     names.PERF_TRAIN_IMG_PER_S_PER_CORE: "train_img_per_s_per_core",
 }
 # A trial's wall-clock marks (unix seconds; analysis.timeline) -> results column. Tags since the summaries moved to
@@ -75,6 +76,7 @@ SEED_PARAM = "train.seed"
 COLUMNS = ["study", "trial", "status", "run_id", "variant", "family", "size", "patch_size", "image_size", "fraction",
            "permute", "grid_point", "setting", "seed", "lr", "weight_decay", "train_images", "steps", "batch_size",
            "epochs", "images_seen", "train_flops", "core_seconds", "cpu_seconds", "wall_seconds", "img_per_s_per_core",
+           "img_per_s_per_core_spread",
            "train_img_per_s_per_core", "best_val_acc", "final_val_acc", "finetune_top1", "checkpoint", "workers",
            "cpus_per_worker", "train_seconds", "trial_start_unix", "worker_start_unix", "first_step_unix",
            "train_end_unix", "trial_end_unix", *TAGS.values()]

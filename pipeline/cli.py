@@ -10,6 +10,7 @@
   fewshot   linear few-shot evaluation of a checkpoint
   report    results table + the paper's figures (and scaling laws) from a study's MLflow runs
   fit       scaling laws with bootstrap intervals: of a study (into its report and MLflow) or of a CSV
+  findings  the paper's findings F1-F6 with 95 % intervals over seeds, from the shipped CPU studies
   ui        the MLflow UI on 127.0.0.1
   bench     speed benchmarks (prints a table, writes JSON)
 """
@@ -232,6 +233,32 @@ def _report(args: argparse.Namespace) -> None:
         print(f"  {path}")
 
 
+def _findings(args: argparse.Namespace) -> None:
+    from analysis import findings as paper
+    from analysis.results import load_study
+    from pipeline.tracking import connect_tracking, redact_url, resolve_tracking_uri
+
+    uri = connect_tracking(resolve_tracking_uri(args.tracking_uri, None))
+    findings = []
+    for study, keys, decide in (
+            (args.data_fraction, paper.DATA_FRACTION_KEYS, paper.data_fraction_findings),
+            (args.permutation, paper.PERMUTATION_KEYS, paper.permutation_findings),
+            (args.model_scale, paper.MODEL_SCALE_KEYS, paper.model_scale_findings)):
+        try:
+            df = load_study(uri, study)
+        except LookupError as missing:  # no such experiment: the study was not run into this store
+            findings += paper.not_run(keys, str(missing))
+            continue
+        findings += decide(df) if len(df) else paper.not_run(keys, f"no runs of study {study!r} in {redact_url(uri)}")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    text = paper.markdown(findings)
+    (out / "findings.md").write_text(text)
+    (out / "findings.json").write_text(json.dumps([vars(f) for f in findings], indent=2))
+    print(text)
+    print(f"-> {out / 'findings.md'}, {out / 'findings.json'}")
+
+
 def _ui(args: argparse.Namespace) -> None:
     from pipeline.tracking import resolve_tracking_uri
     from pipeline.ui import serve
@@ -444,6 +471,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bootstrap", type=int, default=200, help="bootstrap resamples per scaling-law fit")
     p.add_argument("--seed", type=int, default=0, help="seed of the bootstrap resampling")
     p.set_defaults(func=_report)
+
+    p = verbs.add_parser("findings", parents=[track_args],
+                         help="the paper's findings F1-F6, each with its 95 %% interval over seeds, from the "
+                              "data-fraction, permutation and model-scale studies (docs/cpu-studies.md)")
+    p.add_argument("--data-fraction", default="data_fraction", help="data-fraction study name (F1-F3)")
+    p.add_argument("--permutation", default="permutation", help="permutation study name (F4, F5)")
+    p.add_argument("--model-scale", default="model_scale", help="model-scale study name (F6)")
+    p.add_argument("--out", default="results/findings", help="output folder (findings.md, findings.json)")
+    p.set_defaults(func=_findings)
 
     p = verbs.add_parser("ui", parents=[store_args],
                          help="serve the MLflow UI of the tracking store and print the link to a study's runs table "
