@@ -513,14 +513,14 @@ def test_fast_ops_draw_the_same_and_stay_within_their_bounds(magnitude):
 
 
 def test_fast_train_view_draws_the_same_and_stays_within_its_bounds():
-    """Per stage: the inception crop + resize as one Pillow resize(box=) (edges read outside the crop, shrunk crops
-    low-pass filtered, rounding), then the whole paper view (RandAugment amplifies a level's difference where an
-    op thresholds, e.g. Solarize: hence the large maximum)."""
+    """Per stage: the inception crop resized by torch's uint8 kernel (TF's taps, rounded where TF truncates: shrunk
+    crops a level higher at most, enlarged ones as the exact path), then the whole paper view (RandAugment
+    amplifies a level's difference where an op thresholds, e.g. Solarize: hence no bound on its maximum)."""
     rng = np.random.default_rng(21)
     photos = [Image.fromarray(_photo(rng, *shape)) for shape in ((256, 256), (256, 341), (341, 256), (256, 384))]
-    stages = {"crop": (AugmentConfig(crop="inception"), 0.2, 0.18),  # measured 0.13 levels, 12 % of values
-              "view": (AugmentConfig(crop="inception", flip=True, randaug=(2, 15)), 0.3, 0.18)}  # 0.19, 12 %
-    for stage, (exact_cfg, mean_bound, share_bound) in stages.items():
+    stages = {"crop": (AugmentConfig(crop="inception"), 0.18, 0.18, 1),  # measured 0.12 levels, 12 % of values
+              "view": (AugmentConfig(crop="inception", flip=True, randaug=(2, 15)), 0.25, 0.16, 255)}  # 0.15, 10 %
+    for stage, (exact_cfg, mean_bound, share_bound, max_bound) in stages.items():
         fast_cfg = exact_cfg.model_copy(update={"pixel_ops": "fast"})
         diffs = []
         for seed in range(24):
@@ -532,8 +532,8 @@ def test_fast_train_view_draws_the_same_and_stays_within_its_bounds():
             assert exact_rng.random() == fast_rng.random(), "the same crop box, flip and op draws"
             diffs.append(np.abs(want.astype(int) - got))
         diff = np.stack(diffs)
-        assert 0 < diff.mean() <= mean_bound and (diff > 0).mean() <= share_bound, (stage, diff.mean(),
-                                                                                      (diff > 0).mean())
+        assert 0 < diff.mean() <= mean_bound and (diff > 0).mean() <= share_bound and diff.max() <= max_bound, (
+            stage, diff.mean(), (diff > 0).mean(), diff.max())
 
 
 @pytest.mark.parametrize("crop", ["pad", "none"])
@@ -551,3 +551,18 @@ def test_fast_train_view_without_inception_crop_differs_only_in_randaugment(crop
     np.testing.assert_array_equal(A.train_view(image, 24, no_randaug, random.Random(4)),
                                   A.train_view(image, 24, no_randaug.model_copy(update={"pixel_ops": "fast"}),
                                                random.Random(4)))
+
+
+def test_read_only_views_become_tensors_without_a_copy_or_a_warning():
+    import warnings
+
+    from workers.data.reader import to_tensor
+
+    view = np.asarray(Image.fromarray(_random_image(64, 64, seed=17)))  # a PIL image's array is read-only
+    assert not view.flags.writeable
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        tensor = A.uint8_tensor(view)
+        floats = to_tensor(view)
+    assert tensor.data_ptr() == view.ctypes.data, "read in place"
+    assert torch.equal(floats, to_tensor(view.copy())) and floats.dtype == torch.float32

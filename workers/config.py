@@ -39,9 +39,9 @@ class AugmentConfig(_Strict):
     mixup: float = Field(0.0, ge=0.0, description="mixup Beta(p, p) parameter (big_vision p=0.5); 0 = off")
     pixel_ops: Literal["exact", "fast"] = Field(
         "exact",
-        description="exact: TF's arithmetic bit for bit (the crop's bilinear resample, RandAugment); fast: one Pillow"
-        " C call per step on a PIL image (crop + resize as one resize(box=), RandAugment's ops via Image.point /"
-        " transform / blend), the same crop boxes and op draws, pixels within a few levels (docs/benchmarks.md)",
+        description="exact: TF's arithmetic bit for bit (the crop's bilinear resample, RandAugment); fast: one C"
+        " call per step (the crop resized by torch's uint8 kernel, RandAugment's ops as Pillow calls on the PIL"
+        " image), the same crop boxes and op draws, pixels 0.2 levels off on average (docs/benchmarks.md)",
     )
     eval_crop_fraction: float = Field(
         0.875, gt=0.0, le=1.0,
