@@ -1,10 +1,12 @@
 # Two entry points for a fresh machine (see README):
-#   make demo   create .venv, install, write the digits shards, run studies/demo.yaml, draw the figures
+#   make demo   create .venv, install, write the demo's generated corpus, run studies/demo.yaml, draw the figures
 #   make test   create .venv, install with test extras, lint (ruff), run the test suite
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-DATA := data/digits-16
+# The demo's generated corpus (studies/demo.yaml): 16 pre-training classes and 8,000 images, a small version of the
+# studies' data/synthetic-16 (README "Synthetic corpus").
+DATA := data/synthetic-demo
 
 .PHONY: setup demo test test-slow bench clean
 setup: $(VENV)/.installed
@@ -19,10 +21,10 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[test]'
 	touch $@
 
-$(DATA)/train/manifest.json: | setup
-	$(BIN)/mixer-study shards --from digits --image-size 16 --out $(DATA)
+$(DATA)/pretrain/train/manifest.json: | setup
+	$(BIN)/mixer-study shards --from synthetic --out $(DATA) --seed 0 --pretrain-classes 16 --size 8000
 
-demo: setup $(DATA)/train/manifest.json
+demo: setup $(DATA)/pretrain/train/manifest.json
 	$(BIN)/mixer-study run studies/demo.yaml
 	$(BIN)/mixer-study report demo --out results/demo
 

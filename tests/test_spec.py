@@ -13,6 +13,7 @@ from tests.conftest import REPO, cli_env, run_cli, study_dict, write_study
 from workers import names
 from workers.data.fractions import fraction_slices
 from workers.data.manifest import load_manifest
+from workers.data.synthetic import shards_from_synthetic
 
 STUDIES = sorted((REPO / "studies").glob("*.yaml"))
 
@@ -157,10 +158,11 @@ def test_study_without_sweep_or_replicates_plans_as_before(digits16: Path) -> No
     assert format_plan(spec, plans).startswith("study plain: 2 trial(s), ")
 
 
-def test_demo_study_plans_the_paper_design(digits16: Path, tmp_path: Path, monkeypatch) -> None:
-    """studies/demo.yaml (the README's main job) over the same digits shards `make demo` writes."""
-    (tmp_path / "data").mkdir()
-    (tmp_path / "data" / "digits-16").symlink_to(digits16)
+def test_demo_study_plans_the_paper_design(tmp_path: Path, monkeypatch) -> None:
+    """studies/demo.yaml (the README's main job) over the corpus `make demo` writes (`mixer-study shards --from
+    synthetic --out data/synthetic-demo --seed 0 --pretrain-classes 16 --size 8000`; a few seconds): the smallest
+    one whose 16 transfer classes have the 25 examples each that the demo's 25-shot needs (plan_study checks)."""
+    shards_from_synthetic(str(tmp_path / "data" / "synthetic-demo"), seed=0, size=8000, num_pretrain=16)
     monkeypatch.chdir(tmp_path)  # the study's relative data paths resolve against the working directory
     spec = load_study(REPO / "studies" / "demo.yaml")
     plans = plan_study(spec)
@@ -168,9 +170,9 @@ def test_demo_study_plans_the_paper_design(digits16: Path, tmp_path: Path, monke
     assert {p.config.train.steps for p in plans} == {300}  # matched steps across fractions
     nano = [p for p in plans if p.config.model.variant == "Nano-4"]
     assert [p.config.data.fraction for p in nano] == [0.03, 0.1, 0.3, 1.0]
-    # Epochs scale inversely with the subset, like the paper's 233/70/23/7.
-    assert [p.train_images for p in nano] == [38, 126, 377, 1258]
-    assert [round(p.epochs, 1) for p in nano] == [505.3, 152.4, 50.9, 15.3]
+    # Epochs scale inversely with the subset, like the paper's 233/70/23/7 (19,200 images seen by every trial).
+    assert [p.train_images for p in nano] == [240, 800, 2400, 8000]
+    assert [round(p.epochs, 1) for p in nano] == [80.0, 24.0, 8.0, 2.4]
 
 
 def test_plan_rejects_a_subset_smaller_than_the_readers(digits16: Path) -> None:
