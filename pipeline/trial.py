@@ -1,9 +1,10 @@
 """One trial: TrialConfig -> ``TorchTrainer(workers.training.ray_entry.train_loop_per_worker).fit()`` -> few-shot on
 the best checkpoint -> MLflow. Used as the Ray Tune function trainable and by ``mixer-study train`` on its own.
 
-A study's 1-worker trial pre-trains inside its Tune trial process instead (``pipeline.trial_in_process``: no process
-group is needed, so no worker group is started; Tune keeps its checkpoints); DDP trials (2 or more workers) and
-``mixer-study train`` run the ``TorchTrainer`` described here.
+A study's 1-worker trial without fine-tuning pre-trains inside its Tune trial process instead
+(``pipeline.trial_in_process``: no process group is needed, so no worker group is started; Tune keeps its
+checkpoints); DDP trials (2 or more workers), trials that fine-tune and ``mixer-study train`` run the
+``TorchTrainer`` described here.
 
 Ray Train V2 resumes by run name: a ``TorchTrainer`` whose ``RunConfig(name, storage_path)`` points at an
 existing run restarts from that run's latest checkpoint. Trial names are deterministic, so a restarted trial
@@ -121,10 +122,18 @@ def make_job(spec: StudySpec, name: str, config: TrialConfig, point: dict[str, A
     ))
 
 
-def in_process(workers: int, in_tune: bool = True) -> bool:
-    """Whether a trial of ``workers`` workers pre-trains in its Tune trial process (module docstring); the trial
-    then holds its worker's resources itself (``pipeline.tune``)."""
-    return in_tune and workers == 1
+def in_process(job_dict: dict[str, Any], in_tune: bool = True) -> bool:
+    """Whether the trial of ``job_dict`` (:func:`make_job`) pre-trains in its Tune trial process: 1 worker and no
+    fine-tuning; it then holds its worker's resources itself (``pipeline.tune``). Not with fine-tuning: each of its
+    ``TorchTrainer`` runs (``pipeline.finetune_sweep``) asks for a worker's CPUs/GPUs again, which the trial process
+    would still hold, so trials holding every CPU would wait for each other's forever.
+
+    Args:
+        job_dict: the trial's job.
+        in_tune: running as Ray Tune's function trainable (``mixer-study train`` runs a ``TorchTrainer``).
+    """
+    return (in_tune and job_dict["workers"] == 1
+            and not TrialConfig.model_validate(job_dict["trial"]).finetune.enabled)
 
 
 def best_checkpoint(result: ray.train.Result | InProcessResult) -> tuple[ray.train.Checkpoint, dict[str, Any]]:
@@ -271,7 +280,7 @@ def _fit(job: TrialJob, trial: TrialConfig, worker_mlflow: dict[str, Any],
         worker_mlflow: the workers' logging config (tracking_uri, run_id, system_metrics, spool).
         in_tune: also report every result to Ray Tune.
     """
-    if in_process(job.workers, in_tune):
+    if in_process(dataclasses.asdict(job), in_tune):
         return fit_in_process(job.trial, worker_mlflow, job.cpus_per_worker, job.gpus_per_worker,
                               worker_group_run=f"{job.storage.rstrip('/')}/{job.name}")
     callbacks = []

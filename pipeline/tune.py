@@ -6,9 +6,10 @@ Layout on storage (local path or any pyarrow/fsspec URL such as s3://bucket/pref
     <storage>/<study>/tune/...          Ray Tune experiment state (Tuner.restore)
     <storage>/<study>/train/<trial>/    Ray Train run of each trial: checkpoints (resume + best checkpoint)
 
-Resources: a trial of 2 or more workers only orchestrates in its Tune trial (it holds 0 CPU and a token of memory,
-since Ray rejects an empty resource request); its ``TorchTrainer`` workers hold the CPUs/GPUs. A 1-worker trial
-trains in its Tune trial process (``pipeline.trial_in_process``), which then holds the worker's CPUs/GPUs itself.
+Resources: a trial of 2 or more workers (or one that fine-tunes) only orchestrates in its Tune trial (it holds 0 CPU
+and a token of memory, since Ray rejects an empty resource request); its ``TorchTrainer`` workers hold the
+CPUs/GPUs. A 1-worker trial without fine-tuning trains in its Tune trial process (``pipeline.trial_in_process``),
+which then holds the worker's CPUs/GPUs itself.
 So a 2-CPU machine runs one 2-worker trial or two 1-worker trials at a time, and a cluster as many as its CPUs (or
 GPUs) hold.
 """
@@ -26,13 +27,14 @@ import ray
 import yaml
 from mlflow.entities import RunStatus
 from ray import tune
+from ray.tune.execution.placement_groups import PlacementGroupFactory, resource_dict_to_pg_factory
 
 from analysis.ledger import PlannedCost
 from pipeline.lock import StudyLock
 from pipeline.plan import Calibration, TrialPlan, calibrate, plan_costs, plan_study, plan_tags
 from pipeline.progress import StudyProgress
 from pipeline.ray_policy import tune_checkpoints
-from pipeline.spec import ResourcesSpec, StudyError, StudySpec, parse_study
+from pipeline.spec import StudyError, StudySpec, parse_study
 from pipeline.throughput_table import prepare_throughput_table
 from pipeline.tracking import (
     connect_tracking,
@@ -159,17 +161,18 @@ def _read_text(url: str) -> str:
         return f.read()
 
 
-def trial_resources(resources: ResourcesSpec) -> dict[str, float]:
-    """What a study's Tune trial holds: its worker's CPUs/GPUs when it trains in its own process (1 worker), else
-    only the token that lets Ray schedule it (module docstring)."""
-    if not in_process(resources.workers_per_trial):
-        return TRIAL_DRIVER_RESOURCES
-    return {"cpu": resources.cpus_per_worker, **({"gpu": resources.gpus_per_worker} if resources.gpus_per_worker
-                                                  else {})}
+def trial_resources(config: dict[str, Any]) -> PlacementGroupFactory:
+    """What a Tune trial (``config``: its param space entry) holds: its worker's CPUs/GPUs when it trains in its own
+    process (``pipeline.trial.in_process``), else only the token that lets Ray schedule it (module docstring)."""
+    job = config["job"]
+    if not in_process(job):
+        return resource_dict_to_pg_factory(TRIAL_DRIVER_RESOURCES)
+    gpus = job["gpus_per_worker"]
+    return resource_dict_to_pg_factory({"cpu": job["cpus_per_worker"], **({"gpu": gpus} if gpus else {})})
 
 
-def _trainable(resources: ResourcesSpec):
-    return tune.with_resources(tune_trainable, trial_resources(resources))
+def _trainable():
+    return tune.with_resources(tune_trainable, trial_resources)
 
 
 def run_study(spec: StudySpec, *, address: str | None = None, tracking_uri: str | None = None,
@@ -220,7 +223,7 @@ def _start_or_continue(spec: StudySpec, plans: list[TrialPlan], *, address: str 
     # Before any trial trains, so the inference throughput has its cores to itself (pipeline.throughput_table).
     prepare_throughput_table(spec, plans, tracking_uri, write)
     tuner = tune.Tuner(
-        _trainable(spec.resources),
+        _trainable(),
         param_space={"job": tune.grid_search(_jobs(spec, plans, tracking_uri, storage, parent, costs, calibration))},
         tune_config=tune.TuneConfig(
             max_concurrent_trials=concurrency,
@@ -275,7 +278,7 @@ def _resume_locked(spec: StudySpec, tune_dir: str, tracking_uri: str, *, address
     parent = study_run(client, experiment_id(client, spec.experiment), spec.name, {}, description=spec.description)
     init_ray(address)
     write(f"resuming study {name} from {tune_dir}; Ray logs: {ray_logs_dir()}")
-    tuner = tune.Tuner.restore(tune_dir, trainable=_trainable(spec.resources), resume_unfinished=True,
+    tuner = tune.Tuner.restore(tune_dir, trainable=_trainable(), resume_unfinished=True,
                                resume_errored=True)
     return _finish(tuner.fit(), client, parent, study_dir, write)
 

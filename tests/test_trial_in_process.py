@@ -15,7 +15,10 @@ import psutil
 import pytest
 from mlflow.tracking import MlflowClient
 
+from pipeline.spec import parse_study
+from pipeline.trial import in_process, make_job
 from pipeline.trial_in_process import TuneCheckpoints, worker_group_checkpoints
+from pipeline.tune import trial_resources
 from tests.conftest import CLI, REPO, cli_env, cmdline, duplicated_points, run_cli, study_dict, write_study
 
 STEPS, LOG_EVERY, EVAL_EVERY, CHECKPOINT_EVERY = 60, 5, 10, 20
@@ -29,6 +32,24 @@ def _tune_trial_processes(driver_pid: int) -> list[psutil.Process]:
 
 def _histories(client: MlflowClient, run_id: str, keys: tuple[str, ...]) -> dict[str, list[tuple[int, float]]]:
     return {key: sorted((m.step, m.value) for m in client.get_metric_history(run_id, key)) for key in keys}
+
+
+def test_which_trials_train_in_their_tune_trial_process_and_what_they_hold(digits16: Path) -> None:
+    def job(workers: int, **sections) -> dict:
+        spec = parse_study(study_dict("which", digits16, resources={"workers_per_trial": workers, "cpus_per_worker": 2},
+                                      **sections))
+        return make_job(spec, "base", spec.base, {}, tracking_uri="sqlite://", storage="/runs")
+
+    one, two = job(1), job(2)
+    finetuning = job(1, finetune={"train": str(digits16 / "train"), "test": str(digits16 / "test"), "steps": 4,
+                                  "warmup_steps": 1, "lr": [0.01]})
+    assert in_process(one) and not in_process(one, in_tune=False)  # `mixer-study train` keeps its TorchTrainer
+    assert not in_process(two)  # DDP needs the worker group
+    # Fine-tuning's TorchTrainer asks for a worker's CPUs again: a trial process holding them would wait forever.
+    assert not in_process(finetuning)
+    assert trial_resources({"job": one}).required_resources == {"CPU": 2}
+    for other in (two, finetuning):
+        assert trial_resources({"job": other}).required_resources.get("CPU", 0) == 0
 
 
 def test_a_trial_with_worker_group_checkpoints_does_not_start_again_in_process(tmp_path: Path) -> None:
