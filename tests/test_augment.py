@@ -566,3 +566,16 @@ def test_read_only_views_become_tensors_without_a_copy_or_a_warning():
         floats = to_tensor(view)
     assert tensor.data_ptr() == view.ctypes.data, "read in place"
     assert torch.equal(floats, to_tensor(view.copy())) and floats.dtype == torch.float32
+
+
+@pytest.mark.parametrize("side", [16, 224])  # to_tensor's look-up (small) and torch (large) branches
+def test_loader_batches_are_the_per_image_tensors_normalised_once(side):
+    from workers.data.reader import normalised_batch, to_tensor
+
+    views = [_random_image(side, side, seed=18 + i) for i in range(3)]
+    images, labels, keys = normalised_batch([(A.uint8_tensor(v), i, f"k{i}") for i, v in enumerate(views)])
+    floats_already, _labels = normalised_batch([(to_tensor(v), 0) for v in views])  # small views come as float
+    expected = torch.stack([to_tensor(v) for v in views])
+    assert images.dtype == torch.float32 and images.is_contiguous() and images.shape == (3, 3, side, side)
+    assert torch.equal(images, expected) and torch.equal(floats_already, expected), "to_tensor's bits"
+    assert labels.tolist() == [0, 1, 2] and list(keys) == ["k0", "k1", "k2"]
