@@ -157,9 +157,9 @@ def to_tensor(image: np.ndarray) -> torch.Tensor:
 def normalised_batch(samples: list[tuple]) -> list:
     """``make_loader``'s collate: samples of (HxWx3 uint8 view, label[, key]) as one (images, labels[, keys]) batch,
     the views stacked as uint8 and converted once, (B, 3, H, W) float32 ``x / 127.5 - 1``: the bits of
-    :func:`to_tensor` per image, in one conversion per batch instead of one float tensor per image (+14 % samples/s
-    per core for the paper's fast train view, +22 % for the eval view, docs/benchmarks.md). Views below 48 x 48 px
-    come as float already (:class:`ShardDataset`) and are stacked as they are.
+    :func:`to_tensor` per image, in one conversion per batch instead of one float tensor per image (+11-14 %
+    samples/s per core for the paper's fast train view, +17-22 % for the eval view, docs/benchmarks.md). Views below
+    48 x 48 px come as float already (:class:`ShardDataset`) and are stacked as they are.
 
     Args:
         samples: what :class:`ShardDataset` yields with ``uint8_views`` on.
