@@ -2,10 +2,11 @@
 variants, linear few-shot and the fine-tuning stage with its learning-rate sweep) and `studies/permutation.yaml`
 (Mixer and BiT x the three input pipelines of Fig. 4).
 
-Each file is taken as shipped (grid, recipe, fine-tuning, resources) with two changes so it runs in minutes: the
-data point at this test's 16 px digits shards instead of `data/digits-32`, and the step counts are cut (the
-recipe's other fields, the grid and the lr sweep are kept). Every shipped study file also validates and plans here
-without changes to its recipe.
+Each file is taken as shipped (grid, per-family sweep, recipe, fine-tuning, resources) with three changes so it
+runs in minutes: the data point at a small generated corpus written here (the classes of `data/synthetic-16`, 8,000
+instead of 32,000 pre-training images) instead of `data/synthetic-16`, the step counts are cut, and one replicate
+runs instead of the shipped 3 (the recipe's other fields, the grid, the sweep and the fine-tuning lr sweep are
+kept). Every shipped study file also validates and plans here without changes to its recipe.
 """
 
 from __future__ import annotations
@@ -20,17 +21,31 @@ from mlflow.tracking import MlflowClient
 from analysis.results import load_study
 from pipeline.spec import parse_study
 from tests.conftest import REPO, cli_env, run_cli, write_study
+from workers.data.synthetic import shards_from_synthetic
 
 pytestmark = pytest.mark.slow  # `make test-slow`: 8 trials with fine-tuning, then 6 trials; minutes on 2 cores
 
 STUDY = REPO / "studies" / "model_scale.yaml"
 PERMUTATION = REPO / "studies" / "permutation.yaml"
+SHIPPED_DATA = "data/synthetic-16"  # the corpus the shipped CPU studies read
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The shipped studies' generated corpus (64 pre-training and 16 transfer classes, 16 px, seed 0) at 8,000
+    pre-training images: the smallest size whose transfer classes have the 25 examples each that the studies'
+    default 25-shot needs (plan_study checks), a few seconds to write."""
+    out = tmp_path_factory.mktemp("synthetic") / "synthetic-16"
+    shards_from_synthetic(str(out), seed=0, size=8000)
+    return out
 
 
 def _shortened(shipped: dict, shards: Path) -> dict:
-    """``shipped`` with every `data/digits-32/<split>` URL replaced by the same split of ``shards`` and the step
-    counts cut (everything else as shipped)."""
-    study = yaml.safe_load(yaml.safe_dump(shipped, sort_keys=False).replace("data/digits-32", str(shards)))
+    """``shipped`` with every `data/synthetic-16/...` URL replaced by the same split of ``shards``, the step counts
+    cut and one replicate (everything else as shipped)."""
+    assert shipped["replicates"] == 3 and SHIPPED_DATA in yaml.safe_dump(shipped)  # what this test replaces
+    study = yaml.safe_load(yaml.safe_dump(shipped, sort_keys=False).replace(SHIPPED_DATA, str(shards)))
+    study["replicates"] = 1  # grid x sweep settings as shipped, once: the seeds add run time, not coverage
     base = study["base"]
     base["train"].update(steps=20, eval_every=10, checkpoint_every=20)
     base["optim"]["warmup_steps"] = 5
@@ -50,10 +65,11 @@ def _run(study: dict, tmp_path: Path) -> tuple[str, dict]:
     return uri, env
 
 
-def test_model_scale_study_runs_and_reports(tmp_path: Path, digits16: Path) -> None:
+def test_model_scale_study_runs_and_reports(tmp_path: Path, corpus: Path) -> None:
     shipped = yaml.safe_load(STUDY.read_text())
-    study = _shortened(shipped, digits16)
-    assert study["grid"] == shipped["grid"] and study["base"]["finetune"]["lr"] == shipped["base"]["finetune"]["lr"]
+    study = _shortened(shipped, corpus)
+    assert study["grid"] == shipped["grid"] and study["sweep"] == shipped["sweep"]
+    assert study["base"]["finetune"]["lr"] == shipped["base"]["finetune"]["lr"]
     uri, env = _run(study, tmp_path)
     variants = shipped["grid"]["model.variant"]
 
@@ -74,10 +90,11 @@ def test_model_scale_study_runs_and_reports(tmp_path: Path, digits16: Path) -> N
     assert len(runs) == len(variants) and {r.info.status for r in runs} == {"FINISHED"}
 
 
-def test_permutation_study_runs_and_reports(tmp_path: Path, digits16: Path) -> None:
+def test_permutation_study_runs_and_reports(tmp_path: Path, corpus: Path) -> None:
     shipped = yaml.safe_load(PERMUTATION.read_text())
-    study = _shortened(shipped, digits16)
-    assert study["grid"] == shipped["grid"] and study["base"]["data"]["permute_patch"] == 4  # divides 16 px too
+    study = _shortened(shipped, corpus)
+    assert study["grid"] == shipped["grid"] and study["sweep"] == shipped["sweep"]
+    assert study["base"]["data"]["permute_patch"] == 4
     uri, env = _run(study, tmp_path)
 
     out = tmp_path / "report"
@@ -94,8 +111,8 @@ def test_permutation_study_runs_and_reports(tmp_path: Path, digits16: Path) -> N
     checkpoint = Path(row["checkpoint"])
     assert json.loads((checkpoint / "model.json").read_text())["input_permute"] == {"mode": "patches", "patch": 4,
                                                                                      "seed": 0}
-    fewshot = run_cli(["fewshot", "--checkpoint", str(checkpoint), "--data", str(digits16), "--crop-fraction", "1.0"],
-                      env, timeout=300)
+    fewshot = run_cli(["fewshot", "--checkpoint", str(checkpoint), "--data", str(corpus / "transfer"),
+                       "--crop-fraction", "1.0"], env, timeout=300)
     assert fewshot.returncode == 0, fewshot.stderr[-3000:]
     assert "input permutation patches (patch 4, seed 0)" in fewshot.stdout
     printed = {key.strip(): float(value) for key, value in
