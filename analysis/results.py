@@ -22,6 +22,8 @@ METRICS = {
     names.BEST_VAL_ACC: "best_val_acc",
     names.FINETUNE_TOP1: "finetune_top1",
     names.VAL_ACC: "final_val_acc",
+    names.VAL_LOSS: "final_val_loss",
+    names.TRAIN_LOSS: "final_train_loss",  # the last logging window's mean: with final_val_loss, the overfitting gap
     names.COMPUTE_TRAIN_FLOPS: "train_flops",
     names.COMPUTE_CORE_SECONDS: "core_seconds",
     names.COMPUTE_CPU_SECONDS: "cpu_seconds",
@@ -77,7 +79,8 @@ COLUMNS = ["study", "trial", "status", "run_id", "variant", "family", "size", "p
            "permute", "grid_point", "setting", "seed", "lr", "weight_decay", "train_images", "steps", "batch_size",
            "epochs", "images_seen", "train_flops", "core_seconds", "cpu_seconds", "wall_seconds", "img_per_s_per_core",
            "img_per_s_per_core_spread",
-           "train_img_per_s_per_core", "best_val_acc", "final_val_acc", "finetune_top1", "checkpoint", "workers",
+           "train_img_per_s_per_core", "best_val_acc", "final_val_acc", "final_val_loss",
+           "final_train_loss", "finetune_top1", "checkpoint", "workers",
            "cpus_per_worker", "train_seconds", "trial_start_unix", "worker_start_unix", "first_step_unix",
            "train_end_unix", "trial_end_unix", *TAGS.values()]
 
