@@ -186,30 +186,29 @@ def model_scale_findings(df: pd.DataFrame, quality: str = "finetune_top1") -> li
         matched.append(bool(fine))
     throughput = "reproduced" if all(matched) else "not reproduced"
 
-    def gap(m: dict) -> tuple[Difference | None, str]:
+    def best_cheaper(m: dict) -> dict | None:
         cheaper = [o for o in others if o["flops"] <= m["flops"]]
-        if not cheaper:
-            return None, f"{m['variant']}: no other-family variant of no more compute"
-        best = max(cheaper, key=lambda o: np.nanmean(o["acc"]))
+        return max(cheaper, key=lambda o: np.nanmean(o["acc"])) if cheaper else None
+
+    def gap(m: dict) -> tuple[Difference | None, str]:
+        best = best_cheaper(m)
+        if best is None:
+            return None, f"{m['variant']}: none (the cheapest model: on the frontier)"
         d = contrast([(1, best["acc"]), (-1, m["acc"])])
         return d, f"{m['variant']}: {best['variant']} - it {fmt(d)} pts"
 
-    small, small_text = gap(mixers[0])
-    large, large_text = gap(mixers[-1])
-    if small is None or len(mixers) < 2:
-        frontier, frontier_text = "not resolved", small_text
+    gaps = [(m, *gap(m)) for m in mixers]
+    frontier_text = "gap to the best other-family variant of no more compute: " + "; ".join(t for _, _, t in gaps)
+    small, large = gaps[0][1], gaps[-1][1]
+    if small is None:  # the smallest Mixer is the cheapest model of all: on the frontier by construction
+        frontier = "not reproduced"
+    elif large is None or len(mixers) < 2:
+        frontier = "not resolved"
     else:
-        large_acc = mixers[-1]["acc"]
-        best_small = max((o for o in others if o["flops"] <= mixers[0]["flops"]), key=lambda o: np.nanmean(o["acc"]))
-        terms = [(1, best_small["acc"]), (-1, mixers[0]["acc"])]
-        if large is not None:
-            best_large = max((o for o in others if o["flops"] <= mixers[-1]["flops"]),
-                             key=lambda o: np.nanmean(o["acc"]))
-            terms += [(-1, best_large["acc"]), (1, large_acc)]
-        approach = contrast(terms)
+        approach = contrast([(1, best_cheaper(mixers[0])["acc"]), (-1, mixers[0]["acc"]),
+                             (-1, best_cheaper(mixers[-1])["acc"]), (1, mixers[-1]["acc"])])
         frontier = verdict([small, approach])
-        frontier_text = f"gap to the frontier (other families, no more compute): {small_text}; {large_text}; " \
-                        f"the gap closes by {fmt(approach)} pts"
+        frontier_text += f"; the gap closes by {fmt(approach)} pts from the smallest Mixer to the largest"
     verdicts = {throughput, frontier}
     overall = "reproduced" if verdicts == {"reproduced"} else (
         "not reproduced" if "not reproduced" in verdicts else "not resolved")
