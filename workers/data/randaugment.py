@@ -399,14 +399,21 @@ class RandAugment:
             raise ValueError(f"RandAugment needs num_layers >= 0 and magnitude >= 0, got {num_layers}, {magnitude}")
         self.num_layers, self.magnitude = int(num_layers), float(magnitude)
 
+    def image_size(self, image: np.ndarray) -> tuple[int, int]:
+        """(height, width) of an image of this implementation."""
+        return image.shape[:2]
+
+    def run_op(self, name: str, image: np.ndarray, *args: object) -> np.ndarray:
+        """Op ``name`` with its drawn arguments, on an image of this implementation."""
+        return RANDAUG_OPS[name].apply(image, *args)
+
     def apply_op(self, name: str, image: np.ndarray, rng: random.Random) -> np.ndarray:
         """Apply one op at this magnitude (random sign, then cutout centre, drawn from ``rng``)."""
         args = level_to_arg(name, self.magnitude, rng)
-        op = RANDAUG_OPS[name]
-        if op.random_centre:
-            h, w = image.shape[:2]
+        if RANDAUG_OPS[name].random_centre:
+            h, w = self.image_size(image)
             args = (*args, (rng.randrange(h), rng.randrange(w)))
-        return op.apply(image, *args)
+        return self.run_op(name, image, *args)
 
     def __call__(self, image: np.ndarray, rng: random.Random) -> np.ndarray:
         for _ in range(self.num_layers):

@@ -21,7 +21,6 @@ Here:
 
 from __future__ import annotations
 
-import random
 from collections.abc import Callable
 
 import numpy as np
@@ -30,12 +29,12 @@ from PIL import Image, ImageFilter
 from workers.data.randaugment import (
     RANDAUG_OPS,
     REPLACE_VALUE,
+    RandAugment,
     autocontrast_tables,
     brightness,
     contrast_table,
     equalize_tables,
     invert,
-    level_to_arg,
     posterize,
     rotation_matrix,
     solarize,
@@ -137,32 +136,22 @@ PIL_OPS: dict[str, Callable[..., Image.Image]] = {
     "Cutout": _cutout,
     "SolarizeAdd": lambda image, addition: _same_table(solarize_add(_LEVELS, addition))(image),
 }
-if tuple(PIL_OPS) != _OP_NAMES:  # an op added to one table only would shift every later index's op
+if tuple(PIL_OPS) != _OP_NAMES:  # every op of the exact table, in its order: an op missing here fails at import
     raise RuntimeError(f"PIL_OPS {tuple(PIL_OPS)} must list RANDAUG_OPS' ops in their order {_OP_NAMES}")
 
 
-class RandAugmentPIL:
+class RandAugmentPIL(RandAugment):
     """:class:`workers.data.randaugment.RandAugment` on an RGB PIL image: the same draws from ``rng`` (op index,
-    then its arguments' sign, then Cutout's centre ``cy``, ``cx``), each op as one Pillow call (module docstring).
+    then its arguments' sign, then Cutout's centre ``cy``, ``cx``) by construction, since the draws are the base
+    class's; each op as one Pillow call (module docstring).
 
     Args:
         num_layers: ops in a row.
         magnitude: RandAugment's shared magnitude (``workers.data.randaugment.level_to_arg``).
     """
 
-    def __init__(self, num_layers: int, magnitude: float):
-        if num_layers < 0 or magnitude < 0:
-            raise ValueError(f"RandAugment needs num_layers >= 0 and magnitude >= 0, got {num_layers}, {magnitude}")
-        self.num_layers, self.magnitude = int(num_layers), float(magnitude)
+    def image_size(self, image: Image.Image) -> tuple[int, int]:
+        return image.height, image.width
 
-    def apply_op(self, name: str, image: Image.Image, rng: random.Random) -> Image.Image:
-        """Apply one op at this magnitude (random sign, then cutout centre, drawn from ``rng``)."""
-        args = level_to_arg(name, self.magnitude, rng)
-        if RANDAUG_OPS[name].random_centre:
-            args = (*args, (rng.randrange(image.height), rng.randrange(image.width)))
+    def run_op(self, name: str, image: Image.Image, *args: object) -> Image.Image:
         return PIL_OPS[name](image, *args)
-
-    def __call__(self, image: Image.Image, rng: random.Random) -> Image.Image:
-        for _ in range(self.num_layers):
-            image = self.apply_op(_OP_NAMES[rng.randrange(len(_OP_NAMES))], image, rng)
-        return image
