@@ -2,12 +2,21 @@
 learning rate of ``finetune.lr``, each from the trial's best pre-training checkpoint, the learning rate with the best
 top-1 on the held-out ``finetune.val`` kept (the test split reports, never selects).
 
-Runs inside the trial driver (``pipeline.trial.run_trial``) after pre-training, on the same ``ScalingConfig`` (the
-workers the pre-training run held are free again by then), so it uses the trial's resources and nothing more.
-Each learning rate is its own Ray Train run ``<trial>-finetune-lr<lr>`` in the trial's storage: Ray Train V2
-resumes a run by name, so a retried or resumed trial continues each fine-tuning run from its latest checkpoint
-(one finished already only re-evaluates its final checkpoint). Ray Train's own retry is off, as for pre-training:
-retries are Tune's one layer (``pipeline.ray_policy``).
+Runs inside the trial driver (``pipeline.trial.run_trial``) after pre-training, on the trial's resources and nothing
+more. Each learning rate is its own run ``<trial>-finetune-lr<lr>`` in the trial's storage, its checkpoints in
+``step_<step>`` folders there, the latest kept:
+
+* a 1-worker trial in a study fine-tunes in its Tune trial process, as it pre-trains (``pipeline.trial.in_process``):
+  ``workers.training.ray_entry.finetune_in_process`` with :class:`RunFolderCheckpoints` as its engine. No worker
+  group starts (each would cost a Ray Train controller and worker, seconds of start-up, per lr), and the trial
+  process, which holds the trial's CPUs, asks Ray for nothing more;
+* a DDP trial (and ``mixer-study train``) runs one ``TorchTrainer`` per lr on the pre-training's ``ScalingConfig``
+  (its workers are free again by then).
+
+Either way a retried or resumed trial continues each fine-tuning run from its latest checkpoint (Ray Train V2
+resumes a run by name; the in-process engine reads the run's folder), and a run finished already only re-evaluates
+its final checkpoint. Ray Train's own retry is off, as for pre-training: retries are Tune's one layer
+(``pipeline.ray_policy``).
 
 Metrics (returned; the caller logs them to the trial's MLflow run):
 
@@ -28,10 +37,15 @@ so the runs of a sweep do not overwrite each other's points in the trial's singl
 
 from __future__ import annotations
 
+import json
 import logging
+import os
+import tempfile
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
+import fsspec
 import ray.train
 from ray.train.torch import TorchTrainer
 
@@ -51,11 +65,13 @@ from workers.names import (
     FINETUNE_VAL_TOP1,
     finetune_top1_at,
 )
-from workers.training.ray_entry import finetune_loop_per_worker
+from workers.training.ray_entry import Engine, finetune_in_process, finetune_loop_per_worker
 
 log = logging.getLogger(__name__)
 
 SUMMED = (COMPUTE_FINETUNE_FLOPS, COMPUTE_FINETUNE_CORE_SECONDS, COMPUTE_FINETUNE_SECONDS)
+# Written into a checkpoint folder after its files: a folder without it (an upload cut short) is never resumed from.
+COMPLETE = ".complete"
 
 
 def lr_tag(lr: float) -> str:
@@ -81,31 +97,36 @@ def select_lr(metrics: dict[float, dict[str, Any]], order: tuple[float, ...]) ->
 
 
 def run_finetune(job: dict[str, Any], checkpoint: ray.train.Checkpoint, mlflow: dict[str, Any],
-                 set_tag: Callable[[str, str], None]) -> dict[str, float]:
+                 set_tag: Callable[[str, str], None], in_process: bool = False) -> dict[str, float]:
     """Fine-tune ``checkpoint`` once per ``finetune.lr`` and return the stage's metrics (module docstring).
 
     ``job``: the trial's job dict (``pipeline.trial.TrialJob`` fields: name, trial, storage, workers,
     cpus_per_worker, gpus_per_worker). ``mlflow``: the workers' logging config (tracking_uri, run_id,
     system_metrics, spool) of the trial's run; ``set_tag`` sets a tag of that run (``finetune.best_lr``,
     ``finetune.checkpoint``: the best run's final checkpoint, ``ray.finetune_run``). Returns {} when the trial has
-    no ``finetune`` block.
+    no ``finetune`` block. ``in_process``: fine-tune in this process (a 1-worker trial in its Tune trial process),
+    else one ``TorchTrainer`` per lr.
     """
     trial = TrialConfig.model_validate(job["trial"])
     ft = trial.finetune
     if not ft.enabled:
         return {}
     scaling = worker_scaling(job["workers"], job["cpus_per_worker"], job.get("gpus_per_worker") or 0)
-    results: dict[float, ray.train.Result] = {}
+    results: dict[float, ray.train.Result | RunFolderCheckpoints] = {}
     for lr in ft.lr:
-        trainer = TorchTrainer(
-            finetune_loop_per_worker,
-            train_loop_config={"trial": job["trial"], "pretrained": checkpoint, "lr": lr, "mlflow": mlflow,
-                               "metric_suffix": f"_{lr_tag(lr)}", "cpus_per_worker": job["cpus_per_worker"]},
-            scaling_config=scaling,
-            # keep the latest checkpoint only: it resumes the run and is its result
-            run_config=train_run_config(finetune_run_name(job["name"], lr), job["storage"], keep_checkpoints=1),
-        )
-        result = trainer.fit()
+        config = {"trial": job["trial"], "pretrained": checkpoint, "lr": lr, "mlflow": mlflow,
+                  "metric_suffix": f"_{lr_tag(lr)}", "cpus_per_worker": job["cpus_per_worker"],
+                  "gpus_per_worker": job.get("gpus_per_worker") or 0}
+        run_name = finetune_run_name(job["name"], lr)
+        if in_process:
+            result = RunFolderCheckpoints(f"{job['storage'].rstrip('/')}/{run_name}")
+            finetune_in_process(config, result.engine())
+        else:
+            result = TorchTrainer(
+                finetune_loop_per_worker, train_loop_config=config, scaling_config=scaling,
+                # keep the latest checkpoint only: it resumes the run and is its result
+                run_config=train_run_config(run_name, job["storage"], keep_checkpoints=1),
+            ).fit()
         if FINETUNE_TOP1 not in (result.metrics or {}):
             raise RuntimeError(f"fine-tuning run {result.path} (lr {lr:g}) reported no finetune/top1")
         log.info("%s: fine-tuned at lr %g: top-1 %.4f", job["name"], lr, result.metrics[FINETUNE_TOP1])
@@ -127,3 +148,67 @@ def run_finetune(job: dict[str, Any], checkpoint: ray.train.Checkpoint, mlflow: 
     if best.checkpoint is not None:
         set_tag(FINETUNE_CHECKPOINT_TAG, checkpoint_uri(best.checkpoint))
     return metrics
+
+
+@dataclass
+class RunFolderCheckpoints:
+    """The :class:`~workers.training.ray_entry.Engine` of an in-process fine-tuning run: its checkpoints in
+    ``<run_url>/step_<step>`` (the folders a Ray Train run of that name keeps), each marked complete once its files
+    are written, the latest one kept; the run's metrics are its last report's. ``run_url``: any fsspec URL."""
+
+    run_url: str
+    metrics: dict[str, Any] = field(default_factory=dict)
+    checkpoint: ray.train.Checkpoint | None = None
+
+    @property
+    def path(self) -> str:
+        """The run's folder (as ``ray.train.Result.path``)."""
+        return self.run_url
+
+    def _complete(self) -> list[str]:
+        fs, root = fsspec.core.url_to_fs(self.run_url)
+        return sorted(marker.rsplit("/", 1)[0] for marker in fs.glob(f"{root.rstrip('/')}/step_*/{COMPLETE}"))
+
+    def _url(self, folder: str) -> str:
+        """``folder`` (a path of the run's filesystem) as the run's URL names it: a local path, or ``s3://...``."""
+        fs, _ = fsspec.core.url_to_fs(self.run_url)
+        return folder if "://" not in self.run_url else fs.unstrip_protocol(folder)
+
+    def latest(self) -> ray.train.Checkpoint | None:
+        """The run's latest complete checkpoint (None on a first start); its report's metrics become the run's."""
+        folders = self._complete()
+        if not folders:
+            return None
+        fs, _ = fsspec.core.url_to_fs(self.run_url)
+        self.metrics = json.loads(fs.cat_file(f"{folders[-1]}/{COMPLETE}"))
+        self.checkpoint = ray.train.Checkpoint(self._url(folders[-1]))
+        return self.checkpoint
+
+    def report(self, metrics: dict[str, float], folder: str | None, step: int) -> None:
+        """Keep ``metrics`` as the run's; with ``folder``, copy it to ``step_<step>`` on storage, mark it complete
+        (the marker holds the metrics) and delete the run's older checkpoints."""
+        self.metrics = metrics
+        if folder is None:
+            return
+        fs, root = fsspec.core.url_to_fs(self.run_url)
+        target = f"{root.rstrip('/')}/step_{step:08d}"
+        fs.makedirs(target, exist_ok=True)
+        for name in sorted(os.listdir(folder)):
+            fs.put_file(os.path.join(folder, name), f"{target}/{name}")
+        with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as marker:
+            json.dump(metrics, marker, default=float)
+        try:
+            fs.put_file(marker.name, f"{target}/{COMPLETE}")
+        finally:
+            os.unlink(marker.name)
+        for older in self._complete()[:-1]:
+            fs.rm(older, recursive=True)
+        self.checkpoint = ray.train.Checkpoint(self._url(target))
+
+    def engine(self) -> Engine:
+        return Engine(wrap_model=lambda module: module, latest_checkpoint=self.latest, report=self.report,
+                      checkpoint_at_step=self._no_lookup)
+
+    @staticmethod
+    def _no_lookup(step: int) -> ray.train.Checkpoint:
+        raise NotImplementedError("a fine-tuning run keeps only its latest checkpoint; it looks up no other step")

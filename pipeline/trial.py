@@ -1,10 +1,10 @@
 """One trial: TrialConfig -> ``TorchTrainer(workers.training.ray_entry.train_loop_per_worker).fit()`` -> few-shot on
 the best checkpoint -> MLflow. Used as the Ray Tune function trainable and by ``mixer-study train`` on its own.
 
-A study's 1-worker trial without fine-tuning pre-trains inside its Tune trial process instead
+A study's 1-worker trial pre-trains and fine-tunes inside its Tune trial process instead
 (``pipeline.trial_in_process``: no process group is needed, so no worker group is started; Tune keeps its
-checkpoints); DDP trials (2 or more workers), trials that fine-tune and ``mixer-study train`` run the
-``TorchTrainer`` described here.
+pre-training checkpoints, ``pipeline.finetune_sweep`` its fine-tuning ones); DDP trials (2 or more workers) and
+``mixer-study train`` run the ``TorchTrainer`` described here.
 
 Ray Train V2 resumes by run name: a ``TorchTrainer`` whose ``RunConfig(name, storage_path)`` points at an
 existing run restarts from that run's latest checkpoint. Trial names are deterministic, so a restarted trial
@@ -123,17 +123,16 @@ def make_job(spec: StudySpec, name: str, config: TrialConfig, point: dict[str, A
 
 
 def in_process(job_dict: dict[str, Any], in_tune: bool = True) -> bool:
-    """Whether the trial of ``job_dict`` (:func:`make_job`) pre-trains in its Tune trial process: 1 worker and no
-    fine-tuning; it then holds its worker's resources itself (``pipeline.tune``). Not with fine-tuning: each of its
-    ``TorchTrainer`` runs (``pipeline.finetune_sweep``) asks for a worker's CPUs/GPUs again, which the trial process
-    would still hold, so trials holding every CPU would wait for each other's forever.
+    """Whether the trial of ``job_dict`` (:func:`make_job`) trains in its Tune trial process: 1 worker, in a study; it
+    then holds its worker's resources itself (``pipeline.tune``) and fine-tunes in the same process too
+    (``pipeline.finetune_sweep``): a fine-tuning ``TorchTrainer`` would ask for the CPUs/GPUs the trial process
+    holds, so trials holding every CPU would wait for each other's forever.
 
     Args:
         job_dict: the trial's job.
         in_tune: running as Ray Tune's function trainable (``mixer-study train`` runs a ``TorchTrainer``).
     """
-    return (in_tune and job_dict["workers"] == 1
-            and not TrialConfig.model_validate(job_dict["trial"]).finetune.enabled)
+    return in_tune and job_dict["workers"] == 1
 
 
 def best_checkpoint(result: ray.train.Result | InProcessResult) -> tuple[ray.train.Checkpoint, dict[str, Any]]:
@@ -231,7 +230,8 @@ def run_trial(job_dict: dict[str, Any], in_tune: bool = False) -> dict[str, floa
         checkpoint, logged = _best_and_logged(client, job, trial, result, run_id, run_log, spool)
         final: dict[str, float] = {}
         if trial.finetune.enabled:  # the paper's fine-tuning of the best checkpoint, on the trial's resources
-            final.update(run_finetune(job_dict, checkpoint, worker_mlflow, run_log.set_tag))
+            final.update(run_finetune(job_dict, checkpoint, worker_mlflow, run_log.set_tag,
+                                      in_process=in_process(job_dict, in_tune)))
         final.update(_trial_span())
         run_log.log(final, trial.train.steps)  # skips what an earlier attempt already logged
         ok = True

@@ -6,9 +6,9 @@ Layout on storage (local path or any pyarrow/fsspec URL such as s3://bucket/pref
     <storage>/<study>/tune/...          Ray Tune experiment state (Tuner.restore)
     <storage>/<study>/train/<trial>/    Ray Train run of each trial: checkpoints (resume + best checkpoint)
 
-Resources: a trial of 2 or more workers (or one that fine-tunes) only orchestrates in its Tune trial (it holds 0 CPU
-and a token of memory, since Ray rejects an empty resource request); its ``TorchTrainer`` workers hold the
-CPUs/GPUs. A 1-worker trial without fine-tuning trains in its Tune trial process (``pipeline.trial_in_process``),
+Resources: a trial of 2 or more workers only orchestrates in its Tune trial (it holds 0 CPU and a token of memory,
+since Ray rejects an empty resource request); its ``TorchTrainer`` workers hold the CPUs/GPUs. A 1-worker trial
+pre-trains and fine-tunes in its Tune trial process (``pipeline.trial_in_process``, ``pipeline.finetune_sweep``),
 which then holds the worker's CPUs/GPUs itself.
 So a 2-CPU machine runs one 2-worker trial or two 1-worker trials at a time, and a cluster as many as its CPUs (or
 GPUs) hold.

@@ -3,6 +3,8 @@ the cosine schedule against big_vision's formula, and the Ray-free FineTuner on 
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import math
 from pathlib import Path
 
@@ -11,7 +13,7 @@ import pytest
 import torch
 from torch import nn
 
-from pipeline.finetune_sweep import select_lr
+from pipeline.finetune_sweep import COMPLETE, RunFolderCheckpoints, run_finetune, select_lr
 from tests.test_trainer import declared_names
 from workers.config import TrialConfig
 from workers.models.mixer import MlpMixer, forward_flops
@@ -24,8 +26,10 @@ from workers.models.resolution import (
     resample_pos_embed,
     to_resolution,
 )
+from workers.names import COMPUTE_FINETUNE_IMAGES_SEEN
 from workers.training.checkpoint import read_state, write_checkpoint
 from workers.training.finetuner import FineTuner, cosine_multiplier
+from workers.training.ray_entry import finetune_in_process
 from workers.training.trainer import Trainer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -312,7 +316,83 @@ def test_finetuner_takes_the_other_families(digits16: Path, tmp_path: Path, vari
 
 
 # The stage on Ray (one TorchTrainer per learning rate, inside a real trial) is tested end to end through
-# `mixer-study train` in tests/test_trial.py.
+# `mixer-study train` in tests/test_trial.py; in a 1-worker trial's Tune trial process through the shipped model-scale
+# study (tests/test_shipped_studies.py); the two engines against each other below.
+
+
+TIMING = {"compute/finetune_core_seconds", "compute/finetune_seconds"}
+
+
+def _job(trial: TrialConfig, storage: Path) -> dict:
+    return {"name": "train-base", "trial": trial.model_dump(mode="json"), "storage": str(storage), "workers": 1,
+            "cpus_per_worker": 1, "gpus_per_worker": 0}
+
+
+def _step_folders(run: Path) -> list[str]:
+    return sorted(p.name for p in run.glob("step_*"))
+
+
+def test_an_in_process_sweep_keeps_each_runs_latest_complete_checkpoint_and_resumes(
+        digits16: Path, pretrained: Path, tmp_path: Path) -> None:
+    trial = _trial(digits16, val=str(digits16 / "val"), lr=[0.01, 0.1], steps=8)
+    job, tags = _job(trial, tmp_path / "runs"), {}
+    metrics = run_finetune(job, str(pretrained), None, tags.__setitem__, in_process=True)
+    runs = {lr: tmp_path / "runs" / f"train-base-finetune-lr{lr}" for lr in ("0.01", "0.1")}
+    for run in runs.values():  # reports every 2 steps with a checkpoint; only the latest, marked complete, is kept
+        assert _step_folders(run) == ["step_00000008"]
+        assert sorted(p.name for p in (run / "step_00000008").iterdir()) == [COMPLETE, "model.json", "state.pt"]
+    best = tags["finetune.best_lr"]
+    assert metrics["finetune/best_lr"] == float(best) and 0 < metrics["finetune/top1"] <= 1
+    assert tags["ray.finetune_run"] == str(runs[best])
+    assert tags["finetune.checkpoint"] == str(runs[best] / "step_00000008")
+    marked = [json.loads((run / "step_00000008" / COMPLETE).read_text()) for run in runs.values()]
+    assert [m["compute/finetune_images_seen"] for m in marked] == [8 * 32, 8 * 32]
+    assert metrics["compute/finetune_flops"] == sum(m["compute/finetune_flops"] for m in marked) > 0  # both runs
+
+    # Run again (a retried trial): each finished run only re-evaluates its final checkpoint (the wall time of that
+    # segment still counts: wall and core seconds grow, the rest is the same).
+    again = run_finetune(job, str(pretrained), None, tags.__setitem__, in_process=True)
+    assert {k: v for k, v in again.items() if k not in TIMING} == {k: v for k, v in metrics.items() if k not in TIMING}
+
+    # Cut one run short after its step-4 checkpoint, leaving a step-6 folder whose copy never completed: the next
+    # attempt resumes from step 4 and ends where an uncut run ends, with one complete checkpoint.
+    cut = tmp_path / "cut"
+    checkpoints = RunFolderCheckpoints(str(cut))
+    engine = checkpoints.engine()
+
+    def report_until_4(metrics: dict, folder: str | None, step: int) -> None:
+        if step > 4:
+            raise KeyboardInterrupt
+        checkpoints.report(metrics, folder, step)
+
+    config = {"trial": job["trial"], "pretrained": str(pretrained), "lr": 0.1, "mlflow": None, "cpus_per_worker": 1}
+    with pytest.raises(KeyboardInterrupt):
+        finetune_in_process(config, dataclasses.replace(engine, report=report_until_4))
+    assert _step_folders(cut) == ["step_00000004"]
+    (cut / "step_00000006").mkdir()
+    (cut / "step_00000006" / "model.json").write_text("{}")
+    resumed = RunFolderCheckpoints(str(cut))
+    assert resumed.latest().path == str(cut / "step_00000004")
+    finetune_in_process(config, resumed.engine())
+    assert _step_folders(cut) == ["step_00000008"]  # step 6 written again, complete, then superseded
+    assert resumed.metrics[COMPUTE_FINETUNE_IMAGES_SEEN] == 8 * 32  # the resumed run's compute counts both segments
+    assert 0 < resumed.metrics["finetune/top1"] <= 1
+
+
+@pytest.mark.slow
+def test_in_process_fine_tuning_computes_what_a_ray_train_worker_group_of_one_computes(
+        digits16: Path, pretrained: Path, tmp_path: Path) -> None:
+    import ray
+
+    trial = _trial(digits16, val=str(digits16 / "val"), lr=[0.01, 0.1], steps=8)
+    ours = run_finetune(_job(trial, tmp_path / "a"), str(pretrained), None, lambda k, v: None, in_process=True)
+    ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False, logging_level="WARNING")
+    try:
+        theirs = run_finetune(_job(trial, tmp_path / "b"), str(pretrained), None, lambda k, v: None)
+    finally:
+        ray.shutdown()
+    assert {k: v for k, v in ours.items() if k not in TIMING} == {k: v for k, v in theirs.items() if k not in TIMING}
+    assert ours.keys() == theirs.keys()
 
 
 def test_a_sweep_keeps_the_best_lr_on_the_held_out_split_not_on_test() -> None:

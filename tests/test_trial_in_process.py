@@ -45,11 +45,11 @@ def test_which_trials_train_in_their_tune_trial_process_and_what_they_hold(digit
                                   "warmup_steps": 1, "lr": [0.01]})
     assert in_process(one) and not in_process(one, in_tune=False)  # `mixer-study train` keeps its TorchTrainer
     assert not in_process(two)  # DDP needs the worker group
-    # Fine-tuning's TorchTrainer asks for a worker's CPUs again: a trial process holding them would wait forever.
-    assert not in_process(finetuning)
-    assert trial_resources({"job": one}).required_resources == {"CPU": 2}
-    for other in (two, finetuning):
-        assert trial_resources({"job": other}).required_resources.get("CPU", 0) == 0
+    # A 1-worker trial fine-tunes in its trial process too (pipeline.finetune_sweep), on the CPUs that process holds.
+    assert in_process(finetuning)
+    for held in (one, finetuning):
+        assert trial_resources({"job": held}).required_resources == {"CPU": 2}
+    assert trial_resources({"job": two}).required_resources.get("CPU", 0) == 0
 
 
 def test_a_trial_with_worker_group_checkpoints_does_not_start_again_in_process(tmp_path: Path) -> None:

@@ -8,8 +8,9 @@ the best checkpoints by ``val/acc`` (early stopping, as the paper does it) plus 
 worker group resumes.
 
 Those Ray calls are one :class:`Engine`: :data:`RAY_TRAIN` in a worker group, or one a caller passes to
-:func:`train_in_process`, which runs a 1-worker trial's pre-training in the calling process (no process group, no
-worker group: ``pipeline.trial_in_process`` reports through Ray Tune).
+:func:`train_in_process` and :func:`finetune_in_process`, which run a 1-worker trial's pre-training and fine-tuning in
+the calling process (no process group, no worker group: ``pipeline.trial_in_process`` reports pre-training through
+Ray Tune, ``pipeline.finetune_sweep`` keeps each fine-tuning run's checkpoint in the run's folder on storage).
 """
 
 from __future__ import annotations
@@ -230,11 +231,23 @@ def finetune_loop_per_worker(config: dict[str, Any]) -> None:
     pre-training loop does. The last report carries ``finetune/top1`` and ``compute/finetune_flops``.
     """
     with _worker(config) as (trial, rank, world_size, device, cores, tracker):
-        _finetune(trial, config, rank, world_size, device, cores, tracker)
+        _finetune(trial, config, rank, world_size, device, cores, tracker, RAY_TRAIN)
+
+
+def finetune_in_process(config: dict[str, Any], engine: Engine) -> None:
+    """One fine-tuning run of a 1-worker trial in this process, as rank 0 of 1 with ``engine`` in Ray Train's place.
+
+    Args:
+        config: as :func:`finetune_loop_per_worker`'s, plus "gpus_per_worker" (0: fine-tune on the CPU).
+        engine: the checkpoint and report calls (``pipeline.finetune_sweep``: the run's folder on storage).
+    """
+    device = torch.device("cuda", 0) if config.get("gpus_per_worker") else torch.device("cpu")
+    with _worker(config, placement=(0, 1, device)) as (trial, rank, world_size, device, cores, tracker):
+        _finetune(trial, config, rank, world_size, device, cores, tracker, engine)
 
 
 def _finetune(trial: TrialConfig, config: dict[str, Any], rank: int, world_size: int, device, cores: int,
-              tracker) -> None:
+              tracker, engine: Engine) -> None:
     suffix = config.get("metric_suffix", "")
 
     def log_metrics(metrics: dict[str, float], step: int) -> None:
@@ -242,7 +255,7 @@ def _finetune(trial: TrialConfig, config: dict[str, Any], rank: int, world_size:
 
     with _checkpoint_folder(config["pretrained"]) as folder:  # read once, in the constructor
         tuner = FineTuner(folder, trial, float(config["lr"]), rank=rank, world_size=world_size, device=device,
-                          cores=cores, wrap_model=RAY_TRAIN.wrap_model,
+                          cores=cores, wrap_model=engine.wrap_model,
                           log=log_metrics if tracker else None)
-    _resume(tuner, rank, "fine-tuning", RAY_TRAIN)
-    tuner.fit(_reporter(tuner, rank, tracker, RAY_TRAIN))
+    _resume(tuner, rank, "fine-tuning", engine)
+    tuner.fit(_reporter(tuner, rank, tracker, engine))
