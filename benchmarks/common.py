@@ -69,6 +69,8 @@ class BenchConfig:
     ratio_passes: int = 3
     orchestration: bool = True
     orchestration_steps: int = 30
+    # > 0: each trial of the orchestration study also fine-tunes (3 lrs x this many steps, as model_scale.yaml does)
+    orchestration_finetune_steps: int = 0
     orchestration_timeout_s: float = 1800.0
     fewshot_variant: str = "Micro-4"
     fewshot_train: int = 2000

@@ -30,9 +30,17 @@ TRIALS = 6
 WORKERS = 1  # as the demo: one single-core worker per trial
 
 
-def orchestration_study(name: str, data: Path, steps: int) -> dict:
-    """The tiny study: 6 trials (seeds) x 1 worker of Nano-4 on digits 16 px, few-shot on, as the demo is set up."""
+FINETUNE_LRS = [0.003, 0.01, 0.03]  # the shipped model-scale study's transfer sweep
+
+
+def orchestration_study(name: str, data: Path, steps: int, finetune_steps: int = 0) -> dict:
+    """The tiny study: 6 trials (seeds) x 1 worker of Nano-4 on digits 16 px, few-shot on, as the demo is set up;
+    with ``finetune_steps`` > 0 each trial also fine-tunes at 3 lrs (digits train, val selects, test reports), as
+    ``studies/model_scale.yaml`` does: the fine-tuning stage then sits in each trial's tail."""
     every = max(1, steps // 2)
+    finetune = {"finetune": {"train": str(data / "train"), "val": str(data / "val"), "test": str(data / "test"),
+                             "steps": finetune_steps, "batch_size": 64, "lr": FINETUNE_LRS,
+                             "warmup_steps": max(1, finetune_steps // 10)}} if finetune_steps else {}
     return {
         "name": name,
         "description": "mixer-study bench: orchestration overhead",
@@ -45,6 +53,7 @@ def orchestration_study(name: str, data: Path, steps: int) -> dict:
                       "log_every": max(1, steps // 3)},
             "fewshot": {"train": str(data / "train"), "test": str(data / "test"), "shots": [1, 5, 10, 25],
                         "seeds": 3},
+            **finetune,
         },
         "grid": {"train.seed": list(range(TRIALS))},
         "resources": {"workers_per_trial": WORKERS, "cpus_per_worker": 1},
@@ -63,15 +72,18 @@ def bench_orchestration(config: BenchConfig, write: Write) -> dict:
     with tempfile.TemporaryDirectory(prefix="mixer-bench-orch-") as tmp:
         root = Path(tmp)
         shards_from_digits(str(root / "digits"), image_size=DIGITS_SIZE)
-        study = orchestration_study(name, root / "digits", config.orchestration_steps)
+        study = orchestration_study(name, root / "digits", config.orchestration_steps,
+                                    config.orchestration_finetune_steps)
         (root / "study.yaml").write_text(yaml.safe_dump(study, sort_keys=False))
         uri = f"sqlite:///{root / 'mlflow.db'}"
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
         env.pop("RAY_ADDRESS", None)  # an embedded Ray, as `make demo` runs
         command = [sys.executable, "-m", "pipeline.cli", "run", str(root / "study.yaml"), "--tracking-uri", uri,
                    "--storage", str(root / "runs")]
+        finetune = (f", fine-tuning {len(FINETUNE_LRS)} lrs x {config.orchestration_finetune_steps} steps"
+                    if config.orchestration_finetune_steps else "")
         write(f"[bench] orchestration: {TRIALS} trials x {WORKERS} worker, Nano-4, "
-              f"{config.orchestration_steps} steps, few-shot on (mixer-study run in a subprocess) ...")
+              f"{config.orchestration_steps} steps, few-shot on{finetune} (mixer-study run in a subprocess) ...")
         start = time.perf_counter()
         proc = subprocess.run(command, env=env, cwd=tmp, capture_output=True, text=True,
                               timeout=config.orchestration_timeout_s)
@@ -83,6 +95,8 @@ def bench_orchestration(config: BenchConfig, write: Write) -> dict:
         timeline, summary = study_goodput(uri, name, cluster_cpus=cluster_cpus)
     trials = timeline.to_dict(orient="records")
     result = {"study": study["grid"] | {"variant": "Nano-4", "steps": config.orchestration_steps,
+                                        "finetune_steps": config.orchestration_finetune_steps,
+                                        "finetune_lrs": FINETUNE_LRS if config.orchestration_finetune_steps else [],
                                         "workers_per_trial": WORKERS, "cpus_per_worker": 1},
               "cluster_cpus": cluster_cpus, "subprocess_wall_s": wall,
               "outside_trials_s": wall - summary["study_wall_s"],  # Ray start/stop, Tune set-up, MLflow parent

@@ -270,10 +270,14 @@ def _ui(args: argparse.Namespace) -> None:
 def _bench(args: argparse.Namespace) -> None:
     from benchmarks.run import bench_config, quick_config, run_benchmarks
 
+    if args.orchestration_finetune_steps is not None and args.orchestration_finetune_steps < 0:
+        raise ValueError(f"--orchestration-finetune-steps: {args.orchestration_finetune_steps} is negative; give a "
+                         "number of steps >= 1, or 0 for no fine-tuning")
+
     overrides = {"variants": tuple(args.variants) if args.variants else None, "image_size": args.image_size,
                  "batch_sizes": tuple(args.batch_sizes) if args.batch_sizes else None, "paper": args.paper or None,
                  "threads": args.threads, "repeats": args.repeats, "compile": args.compile or None,
-                 "orchestration": args.orchestration}
+                 "orchestration": args.orchestration, "orchestration_finetune_steps": args.orchestration_finetune_steps}
     if args.quick:
         config = quick_config(**overrides)
     else:
@@ -501,6 +505,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--orchestration", action=argparse.BooleanOptionalAction, default=None,
                    help="run a tiny real study (2 trials x 2 workers, embedded Ray) for per-trial overhead and "
                         "goodput (default on; off with --quick)")
+    p.add_argument("--orchestration-finetune-steps", type=int, metavar="N",
+                   help="each orchestration trial also fine-tunes, 3 lrs x N steps (default 0: no fine-tuning)")
     p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu or cuda[:N]")
     p.add_argument("--threads", type=int, help="torch threads on CPU (default 1: per-core numbers)")
     p.add_argument("--repeats", type=int, help="timed steps per cell at most (default 10)")

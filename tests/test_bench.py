@@ -127,3 +127,7 @@ def test_orchestration_study_is_a_valid_plan(digits16: Path) -> None:
     plans = plan_study(spec)  # reads the manifests and checks the few-shot classes, as `mixer-study run` does
     assert len(plans) == TRIALS and spec.resources.workers_per_trial == WORKERS == 1  # trials run in process
     assert spec.base.model.variant == "Nano-4" and spec.base.fewshot.train
+    assert not spec.base.finetune.enabled
+    tuned = parse_study(orchestration_study("bench-orchestration", digits16, steps=30, finetune_steps=20))
+    assert len(plan_study(tuned)) == TRIALS
+    assert tuned.base.finetune.steps == 20 and tuned.base.finetune.lr == (0.003, 0.01, 0.03) and tuned.base.finetune.val
