@@ -40,7 +40,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -160,28 +159,30 @@ class RunFolderCheckpoints:
     metrics: dict[str, Any] = field(default_factory=dict)
     checkpoint: ray.train.Checkpoint | None = None
 
+    def __post_init__(self) -> None:
+        self._fs, root = fsspec.core.url_to_fs(self.run_url)
+        self._root = root.rstrip("/")
+
     @property
     def path(self) -> str:
         """The run's folder (as ``ray.train.Result.path``)."""
         return self.run_url
 
     def _complete(self) -> list[str]:
-        fs, root = fsspec.core.url_to_fs(self.run_url)
-        return sorted(marker.rsplit("/", 1)[0] for marker in fs.glob(f"{root.rstrip('/')}/step_*/{COMPLETE}"))
+        return sorted(marker.rsplit("/", 1)[0] for marker in self._fs.glob(f"{self._root}/step_*/{COMPLETE}"))
 
-    def _url(self, folder: str) -> str:
-        """``folder`` (a path of the run's filesystem) as the run's URL names it: a local path, or ``s3://...``."""
-        fs, _ = fsspec.core.url_to_fs(self.run_url)
-        return folder if "://" not in self.run_url else fs.unstrip_protocol(folder)
+    def _checkpoint(self, folder: str) -> ray.train.Checkpoint:
+        """``folder`` (a path of the run's filesystem) as a Checkpoint named as the run's URL names it: a local path,
+        or ``s3://...``."""
+        return ray.train.Checkpoint(folder if "://" not in self.run_url else self._fs.unstrip_protocol(folder))
 
     def latest(self) -> ray.train.Checkpoint | None:
         """The run's latest complete checkpoint (None on a first start); its report's metrics become the run's."""
         folders = self._complete()
         if not folders:
             return None
-        fs, _ = fsspec.core.url_to_fs(self.run_url)
-        self.metrics = json.loads(fs.cat_file(f"{folders[-1]}/{COMPLETE}"))
-        self.checkpoint = ray.train.Checkpoint(self._url(folders[-1]))
+        self.metrics = json.loads(self._fs.cat_file(f"{folders[-1]}/{COMPLETE}"))
+        self.checkpoint = self._checkpoint(folders[-1])
         return self.checkpoint
 
     def report(self, metrics: dict[str, float], folder: str | None, step: int) -> None:
@@ -190,20 +191,14 @@ class RunFolderCheckpoints:
         self.metrics = metrics
         if folder is None:
             return
-        fs, root = fsspec.core.url_to_fs(self.run_url)
-        target = f"{root.rstrip('/')}/step_{step:08d}"
-        fs.makedirs(target, exist_ok=True)
+        target = f"{self._root}/step_{step:08d}"
+        self._fs.makedirs(target, exist_ok=True)
         for name in sorted(os.listdir(folder)):
-            fs.put_file(os.path.join(folder, name), f"{target}/{name}")
-        with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as marker:
-            json.dump(metrics, marker, default=float)
-        try:
-            fs.put_file(marker.name, f"{target}/{COMPLETE}")
-        finally:
-            os.unlink(marker.name)
+            self._fs.put_file(os.path.join(folder, name), f"{target}/{name}")
+        self._fs.pipe_file(f"{target}/{COMPLETE}", json.dumps(metrics, default=float).encode())
         for older in self._complete()[:-1]:
-            fs.rm(older, recursive=True)
-        self.checkpoint = ray.train.Checkpoint(self._url(target))
+            self._fs.rm(older, recursive=True)
+        self.checkpoint = self._checkpoint(target)
 
     def engine(self) -> Engine:
         return Engine(wrap_model=lambda module: module, latest_checkpoint=self.latest, report=self.report,

@@ -102,9 +102,14 @@ def train_in_process(config: dict[str, Any], engine: Engine, evaluate_best: Eval
         engine: the checkpoint and report calls (``pipeline.trial_in_process``).
         evaluate_best: as :func:`train_loop_per_worker`'s.
     """
-    device = torch.device("cuda", 0) if config.get("gpus_per_worker") else torch.device("cpu")
-    with _worker(config, placement=(0, 1, device)) as (trial, rank, world_size, device, cores, tracker):
+    with _worker(config, placement=_in_process_placement(config)) as (trial, rank, world_size, device, cores, tracker):
         _train(trial, config, rank, world_size, device, cores, tracker, evaluate_best, engine)
+
+
+def _in_process_placement(config: dict[str, Any]) -> tuple[int, int, torch.device]:
+    """(rank, world size, device) of a run in the calling process: rank 0 of 1, on GPU 0 when the trial holds GPUs
+    (config "gpus_per_worker"), else on the CPU."""
+    return 0, 1, torch.device("cuda", 0) if config.get("gpus_per_worker") else torch.device("cpu")
 
 
 @contextlib.contextmanager
@@ -241,8 +246,7 @@ def finetune_in_process(config: dict[str, Any], engine: Engine) -> None:
         config: as :func:`finetune_loop_per_worker`'s, plus "gpus_per_worker" (0: fine-tune on the CPU).
         engine: the checkpoint and report calls (``pipeline.finetune_sweep``: the run's folder on storage).
     """
-    device = torch.device("cuda", 0) if config.get("gpus_per_worker") else torch.device("cpu")
-    with _worker(config, placement=(0, 1, device)) as (trial, rank, world_size, device, cores, tracker):
+    with _worker(config, placement=_in_process_placement(config)) as (trial, rank, world_size, device, cores, tracker):
         _finetune(trial, config, rank, world_size, device, cores, tracker, engine)
 
 
