@@ -10,11 +10,13 @@ import json
 import math
 from pathlib import Path
 
+import pytest
 import torch
 
 from benchmarks.orchestration import TRIALS, WORKERS, orchestration_study
 from benchmarks.run import quick_config, run_benchmarks
 from benchmarks.train_step import train_step_fn
+from pipeline import cli
 from pipeline.plan import plan_study
 from pipeline.spec import parse_study
 from workers.config import TrialConfig
@@ -131,3 +133,12 @@ def test_orchestration_study_is_a_valid_plan(digits16: Path) -> None:
     tuned = parse_study(orchestration_study("bench-orchestration", digits16, steps=30, finetune_steps=20))
     assert len(plan_study(tuned)) == TRIALS
     assert tuned.base.finetune.steps == 20 and tuned.base.finetune.lr == (0.003, 0.01, 0.03) and tuned.base.finetune.val
+
+
+def test_a_negative_orchestration_finetune_steps_exits_2_naming_the_flag(tmp_path: Path, capsys) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["bench", "--quick", "--orchestration-finetune-steps", "-3", "--out", str(tmp_path / "b.json")])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "--orchestration-finetune-steps: -3 is negative" in err and "Traceback" not in err
+    assert not (tmp_path / "b.json").exists()  # refused before any benchmark ran
