@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
+import time
 from pathlib import Path
 from typing import Any
 
@@ -35,9 +37,13 @@ from analysis.scaling.table import MIN_GROUPS
 from workers.models.registry import get_variant, param_count
 from workers.names import scaling_metric
 
-# A saturating law has 4 parameters: fewer distinct compute levels than that and (a, b, c, d) are not identified,
-# however many runs repeat them.
-MIN_COMPUTE_LEVELS = len(SATURATING.params)
+log = logging.getLogger(__name__)
+
+# A saturating law has 4 parameters. Through 4 distinct compute levels it passes exactly through their mean errors,
+# whatever (a, b, c, d) the noise picks: nothing is left to test the curve's shape, and bootstrap refits wander
+# (model_scale's 4 Mixers gave b in [-26, 538] and 7 minutes of refits). One level more than parameters, however
+# many runs repeat them.
+MIN_COMPUTE_LEVELS = len(SATURATING.params) + 1
 # Chinchilla: each of N and D needs 3 levels, or its power law cannot be told apart from the constant E.
 MIN_AXIS_LEVELS = 3
 HOLDOUT_QUANTILE = 0.75  # the held-out check holds out the runs above this quantile of compute
@@ -101,15 +107,21 @@ def _groups(variants: pd.Series) -> tuple[np.ndarray | None, str]:
     return None, f"runs (only {count} variants; a variant bootstrap needs at least {MIN_GROUPS})"
 
 
-def _fit_one(form: Form, x: np.ndarray, y: np.ndarray, variants: pd.Series, draws: int, seed: int,
+def _fit_one(label: str, form: Form, x: np.ndarray, y: np.ndarray, variants: pd.Series, draws: int, seed: int,
              target: float) -> tuple[dict[str, Any], Bootstrap | None]:
-    """One fit: params, intervals, certificate, held-out check; or the reason it was skipped."""
+    """One fit (``label`` names it in the progress log): params, intervals, certificate, held-out check; or the
+    reason it was skipped."""
     reason = _support(form, x)
     if reason:
+        log.info("scaling: %s skipped: %s", label, reason)
         return {"skipped": reason, "n_points": len(x)}, None
+    log.info("scaling: %s: fitting %d runs, %d bootstrap draws and the held-out check", label, len(x), draws)
+    start = time.monotonic()
     groups, resampled = _groups(variants)
     fit = fit_law(form, x, y)
-    boot = bootstrap_fit(fit, draws, seed, groups, target_compute=target)
+    # Refits of wild resamples overflow on the way (exp, power): expected, and counted in ``not_converged``.
+    with np.errstate(over="ignore", invalid="ignore"):
+        boot = bootstrap_fit(fit, draws, seed, groups, target_compute=target)
     ci = boot.intervals()
     out: dict[str, Any] = {
         "params": fit.params, "ci95": {name: list(bounds) for name, bounds in ci.items()},
@@ -125,8 +137,10 @@ def _fit_one(form: Form, x: np.ndarray, y: np.ndarray, variants: pd.Series, draw
     if why_not:
         out["holdout"] = {"skipped": f"the runs at or below the {HOLDOUT_QUANTILE:.0%} compute quantile: {why_not}"}
     else:
-        out["holdout"] = {"holdout_above": cut, **holdout_check(form, x, y, holdout_above=cut, draws=draws, seed=seed,
-                                                                groups=groups)}
+        with np.errstate(over="ignore", invalid="ignore"):
+            check = holdout_check(form, x, y, holdout_above=cut, draws=draws, seed=seed, groups=groups)
+        out["holdout"] = {"holdout_above": cut, **check}
+    log.info("scaling: %s: done in %.0f s", label, time.monotonic() - start)
     return out, boot
 
 
@@ -153,8 +167,8 @@ def fit_study_rows(rows: pd.DataFrame, draws: int = 200, seed: int = 0) -> tuple
     for family, runs in rows.groupby("family", sort=True):
         result["saturating"][family] = {}
         for scope, part in (("frontier", _frontier(runs)), ("all", runs)):
-            fitted, boot = _fit_one(SATURATING, part[["compute"]].to_numpy(float), part["error"].to_numpy(float),
-                                    part["variant"], draws, seed, target)
+            fitted, boot = _fit_one(f"{family} saturating, {scope}", SATURATING, part[["compute"]].to_numpy(float),
+                                    part["error"].to_numpy(float), part["variant"], draws, seed, target)
             result["saturating"][family][scope] = fitted
             if boot is not None:
                 boots[f"saturating/{family}/{scope}"] = boot
@@ -170,8 +184,8 @@ def fit_study_rows(rows: pd.DataFrame, draws: int = 200, seed: int = 0) -> tuple
             result["comparisons"][key] = compare(first, second, names=("b", "y_at_target"))
     x = rows[["n_params", "images_seen"]].to_numpy(float)
     ok = np.isfinite(x).all(axis=1)
-    fitted, boot = _fit_one(CHINCHILLA, x[ok], rows["error"].to_numpy(float)[ok], rows.loc[ok, "variant"], draws,
-                            seed, target)
+    fitted, boot = _fit_one("L(N, D)", CHINCHILLA, x[ok], rows["error"].to_numpy(float)[ok], rows.loc[ok, "variant"],
+                            draws, seed, target)
     result["chinchilla"] = {**fitted, "unique_images": sorted({int(v) for v in rows["train_images"].dropna()}),
                             "note": "D = images seen, repeated epochs included; unique_images lists the distinct "
                                     "train-set sizes (train_images)"}

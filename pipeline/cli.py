@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import logging
 import os
 import sys
 from pathlib import Path
@@ -222,9 +223,20 @@ def _study_store(args: argparse.Namespace) -> tuple[str, str, str | None]:
     return study, uri, getattr(args, "experiment", None) or (spec.tracking.experiment if spec else None)
 
 
+def _progress_on_stderr(logger_name: str) -> None:
+    """Show ``logger_name``'s INFO lines (a long analysis's progress) on stderr, as plain text, once."""
+    logger = logging.getLogger(logger_name)
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+
+
 def _report(args: argparse.Namespace) -> None:
     from analysis.report import build_report
 
+    _progress_on_stderr("analysis.scaling_report")
     study, uri, experiment = _study_store(args)
     out = args.out or f"results/{study}"
     paths = build_report(uri, study, out, experiment=experiment, bootstrap=args.bootstrap, seed=args.seed)
@@ -351,6 +363,7 @@ def _fit_study(args: argparse.Namespace) -> None:
 
     if args.study is None:
         raise ValueError("mixer-study fit needs a STUDY (name or YAML) or --csv FILE")
+    _progress_on_stderr("analysis.scaling_report")
     study, uri, experiment = _study_store(args)
     out = args.out or f"results/{study}/scaling"
     paths = fit_study(uri, study, out, experiment, bootstrap=args.bootstrap, seed=args.seed)

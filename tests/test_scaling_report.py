@@ -74,6 +74,32 @@ def test_a_family_with_too_few_runs_is_skipped_with_the_reason() -> None:
     assert not any(key.startswith("scaling/ViT/") for key in scaling_metrics(result))
 
 
+def test_a_law_through_as_many_compute_levels_as_parameters_is_not_fitted(caplog) -> None:
+    # 4 model sizes x 3 seeds: 12 runs, but the 4 parameters pass through the 4 levels' mean errors whatever they
+    # are, so the law is skipped (with the reason, in the table and the progress log); a 5th level makes it fit.
+    rng = np.random.default_rng(0)
+
+    def rows(levels: int) -> pd.DataFrame:
+        compute = np.repeat(np.logspace(10, 13, levels), 3)
+        error = _law(TRUTH["Mixer"], compute) * np.exp(rng.normal(0, 0.02, len(compute)))
+        return pd.DataFrame({"variant": [f"M{i // 3}" for i in range(len(compute))], "family": "Mixer",
+                             "compute": compute, "error": error, "n_params": np.nan, "images_seen": np.nan,
+                             "train_images": np.nan})
+
+    with caplog.at_level("INFO", logger="analysis.scaling_report"):
+        result, boots = fit_study_rows(rows(4), draws=20, seed=0)
+    assert result["saturating"]["Mixer"]["all"] == {
+        "skipped": "4 distinct C values; the saturating form needs at least 5", "n_points": 12}
+    assert not boots
+    assert "scaling: Mixer saturating, all skipped: 4 distinct C values" in caplog.text
+    caplog.clear()
+    with caplog.at_level("INFO", logger="analysis.scaling_report"):
+        result, boots = fit_study_rows(rows(5), draws=20, seed=0)
+    assert result["saturating"]["Mixer"]["all"]["n_points"] == 15 and "saturating/Mixer/all" in boots
+    assert "scaling: Mixer saturating, all: fitting 15 runs, 20 bootstrap draws" in caplog.text
+    assert "scaling: Mixer saturating, all: done in" in caplog.text
+
+
 def _store(tmp_path: Path) -> str:
     """A study of one Mixer variant at 9 compute budgets (5-shot accuracy on a saturating law), and its parent run."""
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
