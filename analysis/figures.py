@@ -201,13 +201,16 @@ def _log_x(ax: Axes) -> None:
     ax.xaxis.set_minor_formatter(NullFormatter())
 
 
-def _finish(ax: Axes, x: str, y: str) -> None:
-    """What every accuracy-vs-cost panel ends with: log x at decades, labelled axes, a light grid, a legend."""
+def _finish(ax: Axes, x: str, y: str, legend: bool = True) -> None:
+    """What every accuracy-vs-cost panel ends with: log x at decades, labelled axes, a light grid, and a legend to
+    the right of the axes (inside, matplotlib's "best" spot still covers a point or an error bar when every
+    corner has one)."""
     _log_x(ax)
     ax.set_xlabel(_label(x))
     ax.set_ylabel(_label(y))
     ax.grid(alpha=0.3)
-    ax.legend(fontsize="small")
+    if legend:
+        ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0)
 
 
 def _error_bars(ax: Axes, rows: pd.DataFrame, x: str, y: str, colour: str) -> None:
@@ -293,6 +296,7 @@ def _build_fig3(df: pd.DataFrame, quality: str) -> Figure:
     fig = Figure(figsize=(11, 4.5), layout="constrained")
     fig.suptitle(f"Fig. 3: {_label(quality)} vs compute and throughput, per model family")
     left, right = fig.subplots(1, 2)
+    drawn = []
     for ax, x, title in (
         (left, "train_flops", "vs total pre-training compute"),
         (right, "img_per_s_per_core", "vs inference throughput"),
@@ -311,7 +315,10 @@ def _build_fig3(df: pd.DataFrame, quality: str) -> Figure:
         for variant, rows in _groups(data, "variant"):
             ax.scatter(rows[x], _values(rows, quality), label=variant, zorder=3, **_style(variant))
             _error_bars(ax, rows, x, quality, _style(variant)["color"])
-        _finish(ax, x, quality)
+        _finish(ax, x, quality, legend=False)
+        drawn.append(ax)
+    if drawn:  # both panels show the same lines and points: one legend, beside the last panel drawn
+        drawn[-1].legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0)
     return fig
 
 

@@ -87,8 +87,9 @@ def test_legends_ordered_by_size_then_decreasing_patch(df):
     assert _legend_labels(ax) == order
     (ax,) = figures._build_fig2_left(data, "fewshot_5shot", "train_flops").axes
     assert _legend_labels(ax) == order + ["Pareto frontier"]
-    for ax in figures._build_fig3(data, "fewshot_5shot").axes[:2]:
-        assert _legend_labels(ax) == ["Mixer"] + order  # the family line, then its variants' points
+    left, right = figures._build_fig3(data, "fewshot_5shot").axes[:2]
+    assert _legend_labels(right) == ["Mixer"] + order  # the family line, then its variants' points
+    assert left.get_legend() is None  # one legend for both panels
     # Same size -> same colour; larger patch first; custom sizes from the table parse too.
     names = {"Micro-4": "B-16", "B-32": "S/8", "L-32": "B-32", "L-16": "Micro-2"}
     patches = df.assign(variant=df["variant"].map(names))
@@ -168,9 +169,9 @@ def test_fig3_family_from_column_for_unparsed_names(df):
     # Rows of another model family (names the Mixer parser does not know) keep their `family` column.
     other = df.assign(variant="ViT-" + df["variant"], family="ViT")
     fig = figures._build_fig3(pd.concat([df, other], ignore_index=True), "fewshot_5shot")
-    left = fig.axes[0]
+    left, right = fig.axes[:2]
     assert sorted(line.get_label() for line in left.lines) == ["Mixer", "ViT"]
-    labels = _legend_labels(left)
+    labels = _legend_labels(right)
     assert labels[:2] == ["Mixer", "ViT"] and labels[2:2 + len(VARIANTS)] == list(VARIANTS)  # parsed ones first
 
 
@@ -190,6 +191,7 @@ def test_missing_data_gives_explanatory_figure(df, tmp_path):
     left, right = fig.axes[:2]
     assert left.lines and not right.lines
     assert "img_per_s_per_core" in _texts(fig)
+    assert _legend_labels(left)[0] == "Mixer"  # the legend moves to the panel that is drawn
 
 
 def _inverse_pairs():
