@@ -51,6 +51,7 @@ from ray.train.torch import TorchTrainer
 from pipeline.ray_policy import train_run_config, worker_scaling
 from pipeline.tracking import checkpoint_uri
 from workers.config import TrialConfig
+from workers.data.manifest import join_url
 from workers.names import (
     COMPUTE_FINETUNE_CORE_SECONDS,
     COMPUTE_FINETUNE_FLOPS,
@@ -118,7 +119,7 @@ def run_finetune(job: dict[str, Any], checkpoint: ray.train.Checkpoint, mlflow: 
                   "gpus_per_worker": job.get("gpus_per_worker") or 0}
         run_name = finetune_run_name(job["name"], lr)
         if in_process:
-            result = RunFolderCheckpoints(f"{job['storage'].rstrip('/')}/{run_name}")
+            result = RunFolderCheckpoints(join_url(job["storage"], run_name))
             finetune_in_process(config, result.engine())
         else:
             result = TorchTrainer(

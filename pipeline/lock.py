@@ -27,6 +27,7 @@ import fsspec
 import psutil
 
 from pipeline.spec import StudyError
+from workers.data.manifest import join_url
 
 LOCK_NAME = "driver.lock"
 
@@ -37,7 +38,7 @@ class StudyLock:
     _held: dict[str, int] = {}  # lock URL -> nesting depth, for this process (run_study continuing via resume_study)
 
     def __init__(self, study_dir: str, heartbeat_s: float = 10.0, stale_after_s: float = 60.0) -> None:
-        self.url = study_dir.rstrip("/") + "/" + LOCK_NAME
+        self.url = join_url(study_dir, LOCK_NAME)
         self.heartbeat_s, self.stale_after_s = heartbeat_s, stale_after_s
         self._fs, self._path = fsspec.core.url_to_fs(self.url)
         self._token = uuid.uuid4().hex

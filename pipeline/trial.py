@@ -54,7 +54,7 @@ from pipeline.trial_in_process import InProcessResult, fit_in_process
 from pipeline.trial_worker import trial_loop_per_worker
 from workers.config import TrialConfig, flat_defaults, flatten
 from workers.data.fractions import subset_size
-from workers.data.manifest import Manifest, load_manifest
+from workers.data.manifest import Manifest, join_url, load_manifest
 from workers.names import (
     ATTEMPTS_TAG,
     BEST_CHECKPOINT_TAG,
@@ -282,7 +282,7 @@ def _fit(job: TrialJob, trial: TrialConfig, worker_mlflow: dict[str, Any],
     """
     if in_process(dataclasses.asdict(job), in_tune):
         return fit_in_process(job.trial, worker_mlflow, job.cpus_per_worker, job.gpus_per_worker,
-                              worker_group_run=f"{job.storage.rstrip('/')}/{job.name}")
+                              worker_group_run=join_url(job.storage, job.name))
     callbacks = []
     if in_tune:
         from ray.tune.integration.ray_train import TuneReportCallback
@@ -356,7 +356,7 @@ def _close_run(run_log: RunLogger, ok: bool) -> None:
 
 def spool_url(trial_storage: str, name: str) -> str:
     """Where trial ``name``'s MLflow records wait while the store is down: inside its Ray Train run folder."""
-    return f"{trial_storage.rstrip('/')}/{name}/{SPOOL}"
+    return join_url(trial_storage, name, SPOOL)
 
 
 def _run_metrics(client: mlflow.tracking.MlflowClient, run_id: str) -> dict[str, float] | None:

@@ -28,6 +28,7 @@ import ray.train
 from ray import tune
 
 from pipeline.trial_worker import fewshot_of_model
+from workers.data.manifest import join_url
 from workers.names import STEP
 from workers.training.ray_entry import Engine, train_in_process
 
@@ -100,7 +101,7 @@ class TuneCheckpoints:
 def worker_group_checkpoints(run_url: str) -> list[str]:
     """The checkpoint folders (``step_*``) a Ray Train run left at ``run_url`` (any fsspec URL); [] if none."""
     fs, root = fsspec.core.url_to_fs(run_url)
-    return fs.glob(f"{root.rstrip('/')}/step_*")
+    return fs.glob(join_url(root, "step_*"))
 
 
 def fit_in_process(trial: dict[str, Any], worker_mlflow: dict[str, Any], cpus_per_worker: int,

@@ -46,6 +46,7 @@ from pipeline.tracking import (
     study_run,
 )
 from pipeline.trial import SPOOL, in_process, make_job, run_trial
+from workers.data.manifest import join_url
 from workers.names import BEST_VAL_ACC, FEWSHOT_5SHOT
 from workers.training.mlflow_logger import fail_fast_http, replay_spool, spool_files, write_spool
 
@@ -60,10 +61,6 @@ def resolve_storage(storage: str | None) -> str:
     return storage if "://" in storage else str(Path(storage).resolve())
 
 
-def _join(base: str, *parts: str) -> str:
-    return "/".join([base.rstrip("/"), *parts])
-
-
 def tune_trainable(config: dict[str, Any]) -> None:
     """The Tune function trainable: one grid point. Final metrics go to Tune for the progress lines."""
     tune.report(run_trial(config["job"], in_tune=True))
@@ -76,7 +73,7 @@ def is_embedded(address: str | None) -> bool:
 
 def check_storage(url: str) -> None:
     """Raise StudyError unless ``url`` (the study's folder) can be written: before Ray, not at the first checkpoint."""
-    probe = _join(url, ".write-probe")
+    probe = join_url(url, ".write-probe")
     try:
         fs, path = fsspec.core.url_to_fs(probe)
         fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
@@ -180,7 +177,7 @@ def run_study(spec: StudySpec, *, address: str | None = None, tracking_uri: str 
     """Validate, plan, then run every grid point as a Tune trial. Returns one summary row per trial."""
     plans = plan_study(spec)  # reads manifests: bad data URLs fail here, before Ray starts
     storage = resolve_storage(storage)
-    study_dir = _join(storage, spec.name)
+    study_dir = join_url(storage, spec.name)
     check_storage(study_dir)
     tracking_uri = connect_tracking(resolve_tracking_uri(tracking_uri, spec.tracking.uri),
                                     embedded_ray=is_embedded(address))
@@ -191,10 +188,10 @@ def run_study(spec: StudySpec, *, address: str | None = None, tracking_uri: str 
 
 def _start_or_continue(spec: StudySpec, plans: list[TrialPlan], *, address: str | None, tracking_uri: str,
                        storage: str, write: Callable[[str], None]) -> list[dict[str, Any]]:
-    study_dir = _join(storage, spec.name)
+    study_dir = join_url(storage, spec.name)
     resolved = spec.model_copy(update={"tracking": spec.tracking.model_copy(update={"uri": tracking_uri})})
     spec_yaml = yaml.safe_dump(resolved.model_dump(mode="json"), sort_keys=False)
-    if tune.Tuner.can_restore(_join(study_dir, "tune")):
+    if tune.Tuner.can_restore(join_url(study_dir, "tune")):
         # Running the same study again continues it (finished trials are not rerun); a changed spec under the
         # same name would mix two designs in one experiment, so that is refused.
         if load_stored_spec(spec.name, storage) != parse_study(yaml.safe_load(spec_yaml)):
@@ -216,7 +213,7 @@ def _start_or_continue(spec: StudySpec, plans: list[TrialPlan], *, address: str 
     init_ray(address)
     fit = trials_that_fit(spec)
     concurrency = default_concurrency(spec, fit)
-    _write_text(_join(study_dir, "study.yaml"), spec_yaml)
+    _write_text(join_url(study_dir, "study.yaml"), spec_yaml)
     write(f"study {spec.name}: {len(plans)} trials, up to {concurrency} at once ({fit} fit the resources); "
           f"MLflow {tracking_uri} (experiment '{spec.experiment}'); storage {redact_url(study_dir)}")
     write(f"Ray logs: {ray_logs_dir()}")
@@ -247,7 +244,7 @@ def _start_or_continue(spec: StudySpec, plans: list[TrialPlan], *, address: str 
 
 
 def load_stored_spec(name: str, storage: str | None = None) -> StudySpec:
-    url = _join(resolve_storage(storage), name, "study.yaml")
+    url = join_url(resolve_storage(storage), name, "study.yaml")
     try:
         raw = yaml.safe_load(_read_text(url))
     except FileNotFoundError:
@@ -261,10 +258,10 @@ def resume_study(name: str, *, address: str | None = None, storage: str | None =
     those continues from its last Ray Train checkpoint and its existing MLflow run."""
     spec = load_stored_spec(name, storage)
     storage = resolve_storage(storage)
-    tune_dir = _join(storage, name, "tune")
+    tune_dir = join_url(storage, name, "tune")
     # The lock first: a study whose driver is still starting (planning, measuring the throughput table) has no Tune
     # state yet, and "another driver is running it" is the true answer then.
-    with StudyLock(_join(storage, name)):  # one driver per study (pipeline.lock); re-entrant from run_study
+    with StudyLock(join_url(storage, name)):  # one driver per study (pipeline.lock); re-entrant from run_study
         if not tune.Tuner.can_restore(tune_dir):
             raise StudyError(f"study '{name}' has no Tune state at {tune_dir}: start it with `mixer-study run`")
         tracking_uri = connect_tracking(spec.tracking.uri, embedded_ray=is_embedded(address))
@@ -297,7 +294,7 @@ def _finish(results: tune.ResultGrid, client, parent_run_id: str, study_dir: str
     failed = [r["trial"] for r in rows if r["status"] != "DONE"]
     status = RunStatus.to_string(RunStatus.FINISHED if not failed else RunStatus.FAILED)
     # Records that trials spooled while MLflow was down go in now, then the study's own end.
-    write_spool(_join(study_dir, SPOOL), parent_run_id, [], {}, status)
+    write_spool(join_url(study_dir, SPOOL), parent_run_id, [], {}, status)
     try:
         sent = sync_spools(client, study_dir)
         best = log_study_summary(client, parent_run_id)
@@ -339,7 +336,7 @@ def sync_study(name: str, *, storage: str | None = None, write: Callable[[str], 
     """`mixer-study sync`: send what a study spooled while MLflow was down. Refused while a driver runs the study
     (its trials replay their own spools); returns the metric points sent."""
     spec = load_stored_spec(name, storage)
-    study_dir = _join(resolve_storage(storage), name)
+    study_dir = join_url(resolve_storage(storage), name)
     tracking_uri = connect_tracking(spec.tracking.uri)
     client = mlflow.tracking.MlflowClient(tracking_uri)
     with StudyLock(study_dir):

@@ -86,9 +86,9 @@ def normalize_url(url: str) -> str:
     return url.rstrip("/") if not url.endswith("://") else url
 
 
-def join_url(folder: str, name: str) -> str:
-    """``folder/name`` for a folder URL with or without a trailing slash."""
-    return f"{folder.rstrip('/')}/{name}"
+def join_url(folder: str, *names: str) -> str:
+    """``folder/name/...`` for a folder URL (local path, file://, s3://, ...) with or without a trailing slash."""
+    return "/".join([folder.rstrip("/"), *names])
 
 
 def _manifest_to_json(manifest: Manifest) -> dict[str, Any]:
