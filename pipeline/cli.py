@@ -380,8 +380,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_verb = verbs.add_parser
 
     def add_verb_with_description(name: str, **kwargs: Any) -> argparse.ArgumentParser:
-        """``verbs.add_parser`` with the verb's one-line help as its ``VERB --help`` description too."""
-        kwargs.setdefault("description", kwargs.get("help"))
+        """``verbs.add_parser`` with the verb's one-line help as its ``VERB --help`` description too (argparse
+        %-formats a help string but prints a description as it is: "95 %%" becomes "95 %" there too)."""
+        help_text = kwargs.get("help")
+        kwargs.setdefault("description", help_text.replace("%%", "%") if help_text else help_text)
         return add_verb(name, **kwargs)
 
     verbs.add_parser = add_verb_with_description  # every verb, including ones added below by later edits

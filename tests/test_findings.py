@@ -106,3 +106,18 @@ def test_findings_cli_on_a_store_without_the_studies(tmp_path, capsys) -> None:
     assert {f["verdict"] for f in found} == {"not run"}
     assert "data_fraction" in found[0]["measured"]
     assert "| F6 |" in capsys.readouterr().out
+
+
+def test_every_verb_help_shows_single_percent_signs() -> None:
+    # A verb's one-line help is also its `VERB --help` description, which argparse prints without %-formatting.
+    import argparse
+
+    from pipeline.cli import build_parser
+
+    parser = build_parser()
+    (verbs,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    assert "findings" in verbs.choices
+    for name, sub in verbs.choices.items():
+        text = sub.format_help()
+        assert "%%" not in text, name
+    assert "95 % interval over seeds" in verbs.choices["findings"].format_help()
