@@ -25,6 +25,17 @@ def test_shipped_studies_validate(path: Path) -> None:
     assert len(spec.grid_points()) >= 1
 
 
+def test_paper_epochs_study_gives_the_papers_epochs() -> None:
+    # The paper's data-fraction subsets are seen 233 / 70 / 23 / 7 times in the same steps; on the 32,000 pre-training
+    # images of `mixer-study shards --from synthetic` (its default --size) this study's fractions must give the same.
+    spec = load_study(REPO / "studies" / "data_fraction_paper_epochs.yaml")
+    seen = spec.base.train.steps * spec.base.train.batch_size
+    epochs = [seen / round(fraction * 32_000) for fraction in spec.grid["data.fraction"]]
+    assert [round(e) for e in epochs] == [229, 70, 23, 7]
+    assert all(abs(e / paper - 1) < 0.02 for e, paper in zip(epochs, (233, 70, 23, 7)))
+    assert spec.replicates == 5 and set(spec.sweep) == {"Mixer", "ViT"}
+
+
 @pytest.mark.parametrize(
     "change, expected",
     [
