@@ -45,13 +45,19 @@ class StudyLock:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
+    def raise_if_held(self) -> None:
+        """Raise StudyError (naming the holder) if another live driver holds the lock; take nothing."""
+        if self._held.get(self.url):
+            return
+        holder = self._read()
+        if holder is not None and not self._stale(holder):
+            raise StudyError(self._refusal(holder))
+
     def __enter__(self) -> StudyLock:
         if self._held.get(self.url):
             self._held[self.url] += 1
             return self
-        holder = self._read()
-        if holder is not None and not self._stale(holder):
-            raise StudyError(self._refusal(holder))
+        self.raise_if_held()
         self._write()
         time.sleep(0.2)  # a driver that raced us has written by now: whoever wrote last holds the lock
         holder = self._read()

@@ -256,11 +256,13 @@ def resume_study(name: str, *, address: str | None = None, storage: str | None =
                  write: Callable[[str], None] = print) -> list[dict[str, Any]]:
     """Finish an interrupted study: Tune restores its state and reruns only unfinished/errored trials; each of
     those continues from its last Ray Train checkpoint and its existing MLflow run."""
-    spec = load_stored_spec(name, storage)
     storage = resolve_storage(storage)
     tune_dir = join_url(storage, name, "tune")
-    # The lock first: a study whose driver is still starting (planning, measuring the throughput table) has no Tune
-    # state yet, and "another driver is running it" is the true answer then.
+    # The lock first: a study whose driver is still starting holds the lock before it writes study.yaml (and long
+    # before any Tune state: planning, the throughput table), and "another driver is running it" is the true answer
+    # then, not "no study".
+    StudyLock(join_url(storage, name)).raise_if_held()
+    spec = load_stored_spec(name, storage)
     with StudyLock(join_url(storage, name)):  # one driver per study (pipeline.lock); re-entrant from run_study
         if not tune.Tuner.can_restore(tune_dir):
             raise StudyError(f"study '{name}' has no Tune state at {tune_dir}: start it with `mixer-study run`")

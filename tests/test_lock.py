@@ -41,6 +41,25 @@ def test_second_driver_refused_until_the_first_is_killed(tmp_path: Path) -> None
     assert not (tmp_path / LOCK_NAME).exists()  # released on exit
 
 
+def test_resume_of_a_study_whose_driver_is_starting_names_that_driver(tmp_path: Path) -> None:
+    # A driver holds the study's lock from before it writes study.yaml: `resume` in that window must say that another
+    # driver runs the study (what the second-driver test in test_study.py saw only under load: "no study").
+    from pipeline.tune import resume_study
+
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(tmp_path / "grid")], cwd=REPO, stdout=subprocess.PIPE,
+                              text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        assert not (tmp_path / "grid" / "study.yaml").exists()
+        with pytest.raises(StudyError, match=rf"another driver is running this study \(pid {holder.pid} on host"):
+            resume_study("grid", storage=str(tmp_path))
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    with pytest.raises(StudyError, match="no study 'grid' at"):  # its driver gone, nothing was ever stored
+        resume_study("grid", storage=str(tmp_path))
+
+
 def test_lock_of_another_host_is_stale_only_after_its_heartbeat_stops(tmp_path: Path) -> None:
     doc = {"token": "x", "host": "node-elsewhere", "pid": 1, "pid_started": 0.0, "heartbeat": time.time()}
     (tmp_path / LOCK_NAME).write_text(json.dumps(doc))
