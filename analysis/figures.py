@@ -201,16 +201,21 @@ def _log_x(ax: Axes) -> None:
     ax.xaxis.set_minor_formatter(NullFormatter())
 
 
+def _legend_beside(ax: Axes) -> None:
+    """The legend to the right of the axes: inside, matplotlib's "best" spot still covers a point or an error bar
+    when every corner has one."""
+    ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0)
+
+
 def _finish(ax: Axes, x: str, y: str, legend: bool = True) -> None:
-    """What every accuracy-vs-cost panel ends with: log x at decades, labelled axes, a light grid, and a legend to
-    the right of the axes (inside, matplotlib's "best" spot still covers a point or an error bar when every
-    corner has one)."""
+    """What every accuracy-vs-cost panel ends with: log x at decades, labelled axes, a light grid, and (unless
+    ``legend`` is False) the legend beside the axes."""
     _log_x(ax)
     ax.set_xlabel(_label(x))
     ax.set_ylabel(_label(y))
     ax.grid(alpha=0.3)
     if legend:
-        ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0)
+        _legend_beside(ax)
 
 
 def _error_bars(ax: Axes, rows: pd.DataFrame, x: str, y: str, colour: str) -> None:
@@ -318,7 +323,7 @@ def _build_fig3(df: pd.DataFrame, quality: str) -> Figure:
         _finish(ax, x, quality, legend=False)
         drawn.append(ax)
     if drawn:  # both panels show the same lines and points: one legend, beside the last panel drawn
-        drawn[-1].legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0)
+        _legend_beside(drawn[-1])
     return fig
 
 

@@ -258,12 +258,13 @@ def resume_study(name: str, *, address: str | None = None, storage: str | None =
     those continues from its last Ray Train checkpoint and its existing MLflow run."""
     storage = resolve_storage(storage)
     tune_dir = join_url(storage, name, "tune")
+    lock = StudyLock(join_url(storage, name))  # one driver per study (pipeline.lock); re-entrant from run_study
     # The lock first: a study whose driver is still starting holds the lock before it writes study.yaml (and long
     # before any Tune state: planning, the throughput table), and "another driver is running it" is the true answer
-    # then, not "no study".
-    StudyLock(join_url(storage, name)).raise_if_held()
+    # then, not "no study". Only checked here: taking it would leave a lock folder behind for a mistyped name.
+    lock.raise_if_held()
     spec = load_stored_spec(name, storage)
-    with StudyLock(join_url(storage, name)):  # one driver per study (pipeline.lock); re-entrant from run_study
+    with lock:
         if not tune.Tuner.can_restore(tune_dir):
             raise StudyError(f"study '{name}' has no Tune state at {tune_dir}: start it with `mixer-study run`")
         tracking_uri = connect_tracking(spec.tracking.uri, embedded_ray=is_embedded(address))
